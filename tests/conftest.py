@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models of every family, and a fixed test image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlm_interp as vi
+from vlm_interp.tiny import FAMILIES, tiny
+
+QUESTION = "Is there a red circle ?"
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def vlm(request) -> vi.VLM:
+    return vi.wrap(*tiny(request.param, seed=0))
+
+
+@pytest.fixture(scope="session")
+def image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def other_image() -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))
+
+
+def run_logits(vlm: vi.VLM, ex: vi.Example) -> torch.Tensor:
+    with torch.no_grad():
+        return vlm.logits(ex.inputs)

@@ -1,0 +1,208 @@
+"""The adapter: a table from sites to module paths, plus the few facts a family needs.
+
+An :class:`Adapter` is data. :class:`BoundAdapter` is an adapter checked against one model
+instance (every path resolves), which turns a :class:`~vlm_interp.sites.Site` into a
+:class:`~vlm_interp.hooks.Hook`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any, Callable, Literal
+
+from torch import nn
+
+from ..errors import AdapterValidationError, ModuleNotFoundInModelError, SiteError
+from ..hooks import EditFn, Hook, HookKind, resolve_module
+from ..sites import HEAD_COMPONENTS, Site, parse_site
+
+Slot = tuple[str, HookKind]  # (path relative to the layer, "" for the layer itself; hook kind)
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One stack of layers: where it lives, what each component is, how many heads it has.
+
+    ``components`` maps a component name to a slot. Head components (``head``,
+    ``xattn_head``) name the *input* of the attention output projection, whose last
+    dimension is the concatenation of the heads.
+    """
+
+    layers: str
+    components: dict[str, Slot]
+    heads: str  # dotted config attribute holding the number of query heads
+    kv_heads: str | None = None  # dotted config attribute for key/value heads (grouped-query attention)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Everything vlm-interp needs to know about one model family."""
+
+    family: str
+    model_classes: tuple[str, ...]
+    towers: dict[str, Tower]
+    decoder: Literal["causal", "blip"]  # how answers are scored
+    default_template: str  # prompt template with {question}; contains the image placeholder if needed
+    image_in_lm: bool  # image (or query) tokens are placeholder positions in the LM input_ids
+    image_tokens: Callable[[Any, dict], int] | None = None  # expected image-token count
+    logits_module: str | None = None  # module whose output carries the answer logits (BLIP)
+    notes: str = ""
+
+
+def _config_get(config: Any, dotted: str) -> Any:
+    return reduce(getattr, dotted.split("."), config)
+
+
+@dataclass
+class BoundAdapter:
+    """An adapter validated on one model: layer counts, head counts, hooks for sites."""
+
+    adapter: Adapter
+    model: nn.Module
+    n_layers: dict[str, int] = field(init=False)
+    n_heads: dict[str, int] = field(init=False)
+    n_kv_heads: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_layers, self.n_heads, self.n_kv_heads = {}, {}, {}
+        problems: list[str] = []
+        for name, tower in self.adapter.towers.items():
+            try:
+                layers = resolve_module(self.model, tower.layers)
+            except ModuleNotFoundInModelError as err:
+                problems.append(f"{name}.layers: {err}")
+                continue
+            self.n_layers[name] = len(layers)
+            try:
+                self.n_heads[name] = int(_config_get(self.model.config, tower.heads))
+                kv = _config_get(self.model.config, tower.kv_heads) if tower.kv_heads else None
+                self.n_kv_heads[name] = int(kv) if kv is not None else self.n_heads[name]
+            except AttributeError as err:
+                problems.append(f"{name}: head count not in config ({err})")
+            for component in tower.components:
+                if not self.layers_with(name, component):
+                    problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
+        if problems:
+            raise AdapterValidationError(
+                f"adapter {self.adapter.family!r} does not fit {type(self.model).__name__}: " + "; ".join(problems)
+            )
+
+    # ---- structure -------------------------------------------------------------------
+    def towers(self) -> list[str]:
+        return list(self.adapter.towers)
+
+    def components(self, tower: str) -> list[str]:
+        return list(self._tower(tower).components)
+
+    def _tower(self, tower: str) -> Tower:
+        if tower not in self.adapter.towers:
+            raise SiteError(
+                f"{self.adapter.family} models have no {tower!r} tower; towers: {list(self.adapter.towers)}"
+            )
+        return self.adapter.towers[tower]
+
+    def module_path(self, tower: str, component: str, layer: int) -> str:
+        """Dotted path of the module holding ``component`` at ``layer`` (may not exist on every layer)."""
+        spec = self._tower(tower)
+        if component not in spec.components:
+            raise SiteError(
+                f"the {tower} tower of {self.adapter.family} has no component {component!r}; "
+                f"it has {list(spec.components)}"
+            )
+        rel = spec.components[component][0]
+        return f"{spec.layers}.{layer}" + (f".{rel}" if rel else "")
+
+    def layers_with(self, tower: str, component: str) -> list[int]:
+        """Layers of ``tower`` on which ``component`` exists (Q-Former cross-attention skips layers)."""
+        out = []
+        for layer in range(self.n_layers[tower]):
+            try:
+                self.model.get_submodule(self.module_path(tower, component, layer))
+            except AttributeError:
+                continue
+            out.append(layer)
+        return out
+
+    def head_dim(self, site: Site) -> int:
+        module = resolve_module(self.model, self.module_path(site.tower, site.component, site.layer))
+        width = getattr(module, "in_features", None)
+        if width is None:
+            raise SiteError(f"head site {site} sits on {type(module).__name__}, which has no in_features")
+        heads = self.n_heads[site.tower]
+        if width % heads:
+            raise SiteError(f"{site}: width {width} is not divisible by {heads} heads")
+        return width // heads
+
+    def sites(self, tower: str, component: str) -> list[Site]:
+        """All sites of one component kind in one tower (every layer, every head)."""
+        layers = self.layers_with(tower, component)
+        if component in HEAD_COMPONENTS:
+            return [Site(tower, component, l, h) for l in layers for h in range(self.n_heads[tower])]
+        return [Site(tower, component, l) for l in layers]
+
+    # ---- sites -----------------------------------------------------------------------
+    def resolve(self, site: "str | Site") -> Site:
+        """Parse and check a site against this model; negative layers count from the end."""
+        site = parse_site(site)
+        n = self.n_layers.get(site.tower)
+        self._tower(site.tower)
+        layer = site.layer + n if site.layer < 0 else site.layer
+        if not 0 <= layer < n:
+            raise SiteError(f"site {site}: layer out of range; the {site.tower} tower has layers 0..{n - 1}")
+        if site.head is not None and not 0 <= site.head < self.n_heads[site.tower]:
+            raise SiteError(
+                f"site {site}: head out of range; the {site.tower} tower has heads 0..{self.n_heads[site.tower] - 1}"
+            )
+        resolved = Site(site.tower, site.component, layer, site.head)
+        path = self.module_path(resolved.tower, resolved.component, layer)
+        try:
+            self.model.get_submodule(path)
+        except AttributeError:
+            raise SiteError(
+                f"site {resolved} does not exist: layer {layer} of the {site.tower} tower has no "
+                f"{site.component} (layers that have it: {self.layers_with(site.tower, site.component)})"
+            ) from None
+        return resolved
+
+    def hook(
+        self,
+        site: "str | Site",
+        fn: EditFn | None = None,
+        *,
+        capture: bool = False,
+        grad: bool = False,
+        allow_unused: bool = False,
+    ) -> Hook:
+        """A hook at ``site``; for head sites ``fn`` and captures see only that head's channels."""
+        site = self.resolve(site)
+        rel, kind = self._tower(site.tower).components[site.component]
+        channels = None
+        if site.head is not None:
+            d = self.head_dim(site)
+            channels = slice(site.head * d, (site.head + 1) * d)
+        return Hook(
+            self.module_path(site.tower, site.component, site.layer),
+            fn=fn,
+            kind=kind,
+            capture=capture,
+            grad=grad,
+            allow_unused=allow_unused,
+            name=site.name,
+            channels=channels,
+        )
+
+    def describe(self) -> str:
+        """A short human-readable summary of towers, layers and heads."""
+        lines = [f"{self.adapter.family} ({type(self.model).__name__})"]
+        for name, tower in self.adapter.towers.items():
+            comps = ", ".join(
+                f"{c}[{len(self.layers_with(name, c))}]" for c in tower.components
+            )
+            lines.append(
+                f"  {name:8s} {self.n_layers[name]} layers, {self.n_heads[name]} heads"
+                + (f" ({self.n_kv_heads[name]} kv)" if self.n_kv_heads[name] != self.n_heads[name] else "")
+                + f": {comps}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""BLIP-VQA: ViT, a question encoder that cross-attends to the image, an answer decoder.
+
+The question encoder is the ``text`` tower (NOTICE studied its cross-attention heads);
+the answer decoder, which produces the answer, is the ``lm`` tower.
+"""
+
+from __future__ import annotations
+
+from .base import Adapter, Tower
+from .tables import BERT_XATTN_LAYER, BLIP_VISION_LAYER
+
+MODEL_CLASSES = ("BlipForQuestionAnswering",)
+
+
+def build(config) -> Adapter:
+    return Adapter(
+        family="blip",
+        model_classes=MODEL_CLASSES,
+        towers={
+            "vision": Tower("vision_model.encoder.layers", BLIP_VISION_LAYER, "vision_config.num_attention_heads",
+                            description="ViT"),
+            "text": Tower("text_encoder.encoder.layer", BERT_XATTN_LAYER, "text_config.num_attention_heads",
+                          description="question encoder, cross-attends to the image"),
+            "lm": Tower("text_decoder.bert.encoder.layer", BERT_XATTN_LAYER, "text_config.num_attention_heads",
+                        description="answer decoder, cross-attends to the question encoding"),
+        },
+        decoder="blip",
+        default_template="{question}",
+        image_in_lm=False,
+        logits_module="text_decoder",
+    )

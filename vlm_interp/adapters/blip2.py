@@ -1,0 +1,48 @@
+"""BLIP-2 and InstructBLIP: ViT, Q-Former with cross-attention to the image, decoder LM fed the queries."""
+
+from __future__ import annotations
+
+from .base import Adapter, Tower
+from .tables import BLIP_VISION_LAYER, QFORMER_LAYER, lm_tower
+
+BLIP2_CLASSES = ("Blip2ForConditionalGeneration",)
+INSTRUCTBLIP_CLASSES = ("InstructBlipForConditionalGeneration",)
+
+
+def query_tokens(config, inputs) -> int:
+    """Each image becomes ``num_query_tokens`` placeholder tokens in the LM sequence."""
+    return config.num_query_tokens
+
+
+def _towers(config) -> dict[str, Tower]:
+    return {
+        "vision": Tower("vision_model.encoder.layers", BLIP_VISION_LAYER, "vision_config.num_attention_heads",
+                        description="ViT"),
+        "qformer": Tower("qformer.encoder.layer", QFORMER_LAYER, "qformer_config.num_attention_heads",
+                         description="Q-Former (queries first, then instruction text for InstructBLIP)"),
+        "lm": lm_tower(config, "language_model.model"),
+    }
+
+
+def build_blip2(config) -> Adapter:
+    return Adapter(
+        family="blip2",
+        model_classes=BLIP2_CLASSES,
+        towers=_towers(config),
+        decoder="causal",
+        default_template="Question: {question} Answer:",
+        image_in_lm=True,
+        image_tokens=query_tokens,
+    )
+
+
+def build_instructblip(config) -> Adapter:
+    return Adapter(
+        family="instructblip",
+        model_classes=INSTRUCTBLIP_CLASSES,
+        towers=_towers(config),
+        decoder="causal",
+        default_template="{question}",
+        image_in_lm=True,
+        image_tokens=query_tokens,
+    )

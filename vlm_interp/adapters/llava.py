@@ -1,0 +1,32 @@
+"""LLaVA (1.5): CLIP vision tower, projector, decoder LM with image tokens in its sequence."""
+
+from __future__ import annotations
+
+from .base import Adapter, Tower
+from .tables import CLIP_VISION_LAYER, lm_tower
+
+MODEL_CLASSES = ("LlavaForConditionalGeneration",)
+
+
+def clip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
+    return Tower(f"{prefix}.encoder.layers", CLIP_VISION_LAYER, "vision_config.num_attention_heads",
+                 description="CLIP vision encoder")
+
+
+def patch_tokens(config, inputs) -> int:
+    """Image tokens LLaVA puts in the LM sequence for one image: one per patch (+CLS if 'full')."""
+    h, w = inputs["pixel_values"].shape[-2:]
+    p = config.vision_config.patch_size
+    return (h // p) * (w // p) + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def build(config) -> Adapter:
+    return Adapter(
+        family="llava",
+        model_classes=MODEL_CLASSES,
+        towers={"vision": clip_vision_tower(), "lm": lm_tower(config, "model.language_model")},
+        decoder="causal",
+        default_template="USER: <image>\n{question} ASSISTANT:",
+        image_in_lm=True,
+        image_tokens=patch_tokens,
+    )

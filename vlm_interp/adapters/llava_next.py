@@ -1,0 +1,43 @@
+"""LLaVA-NeXT (1.6): LLaVA with any-resolution tiling; image tokens = base grid + tiles + newlines."""
+
+from __future__ import annotations
+
+from .base import Adapter
+from .llava import clip_vision_tower
+from .tables import lm_tower
+
+MODEL_CLASSES = ("LlavaNextForConditionalGeneration",)
+
+
+def highres_grid(config, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the unpadded high-resolution feature grid for an image of (height, width)."""
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    side = config.vision_config.image_size
+    grid = side // config.vision_config.patch_size
+    tiles_h, tiles_w = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, side)
+    features = torch.zeros(1, tiles_h * grid, tiles_w * grid)
+    rows, cols = unpad_image(features, torch.tensor(image_size)).shape[-2:]
+    return int(rows), int(cols)
+
+
+def anyres_tokens(config, inputs) -> int:
+    """Image tokens for one image: base grid (+CLS if 'full'), then high-res rows each ending in a newline."""
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    height, width = (int(v) for v in inputs["image_sizes"][0])
+    rows, cols = highres_grid(config, (height, width))
+    base = grid * grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return base + rows * (cols + 1)
+
+
+def build(config) -> Adapter:
+    return Adapter(
+        family="llava_next",
+        model_classes=MODEL_CLASSES,
+        towers={"vision": clip_vision_tower(), "lm": lm_tower(config, "model.language_model")},
+        decoder="causal",
+        default_template="USER: <image>\n{question} ASSISTANT:",
+        image_in_lm=True,
+        image_tokens=anyres_tokens,
+    )

@@ -1,0 +1,73 @@
+"""Shared component tables: the module layout of the layer kinds the families are built from."""
+
+from __future__ import annotations
+
+from ..errors import UnknownArchitectureError
+from .base import Slot, Tower
+
+# Decoder-only language models, keyed by the text config's model_type.
+LLAMA_LAYER: dict[str, Slot] = {
+    "hidden": ("", "output"),
+    "attn": ("self_attn", "output"),
+    "mlp": ("mlp", "output"),
+    "head": ("self_attn.o_proj", "input"),
+}
+OPT_LAYER: dict[str, Slot] = {
+    "hidden": ("", "output"),
+    "attn": ("self_attn", "output"),
+    "mlp": ("fc2", "output"),
+    "head": ("self_attn.out_proj", "input"),
+}
+LM_LAYERS = {  # model_type -> (layers path below the LM's base model, layer table)
+    "llama": ("layers", LLAMA_LAYER),
+    "mistral": ("layers", LLAMA_LAYER),
+    "qwen2": ("layers", LLAMA_LAYER),
+    "opt": ("decoder.layers", OPT_LAYER),
+}
+
+# Vision encoders.
+CLIP_VISION_LAYER: dict[str, Slot] = {
+    "hidden": ("", "output"),
+    "attn": ("self_attn", "output"),
+    "mlp": ("mlp", "output"),
+    "head": ("self_attn.out_proj", "input"),
+}
+BLIP_VISION_LAYER: dict[str, Slot] = {
+    "hidden": ("", "output"),
+    "attn": ("self_attn", "output"),
+    "mlp": ("mlp", "output"),
+    "head": ("self_attn.projection", "input"),
+}
+
+# BERT-style layers with cross-attention (BLIP's question encoder and answer decoder).
+# Attention and MLP outputs are taken before the residual add and LayerNorm (the dense output).
+BERT_XATTN_LAYER: dict[str, Slot] = {
+    "hidden": ("", "output"),
+    "attn": ("attention.output.dense", "output"),
+    "xattn": ("crossattention.output.dense", "output"),
+    "mlp": ("output.dense", "output"),
+    "head": ("attention.output.dense", "input"),
+    "xattn_head": ("crossattention.output.dense", "input"),
+}
+# Q-Former layers: the learned queries go through their own feed-forward (``output_query``).
+QFORMER_LAYER: dict[str, Slot] = {**BERT_XATTN_LAYER, "mlp": ("output_query.dense", "output")}
+
+
+def lm_tower(config, base_path: str, heads_prefix: str = "text_config") -> Tower:
+    """The ``lm`` tower for a decoder LM whose base model (with ``layers``) sits at ``base_path``."""
+    text = getattr(config, heads_prefix)
+    kind = getattr(text, "model_type", None)
+    if kind not in LM_LAYERS:
+        raise UnknownArchitectureError(
+            f"language model type {kind!r} has no layer table; supported: {sorted(LM_LAYERS)}. "
+            "Add its layout to LM_LAYERS in vlm_interp/adapters/tables.py."
+        )
+    layers, table = LM_LAYERS[kind]
+    kv = f"{heads_prefix}.num_key_value_heads" if hasattr(text, "num_key_value_heads") else None
+    return Tower(
+        layers=f"{base_path}.{layers}",
+        components=table,
+        heads=f"{heads_prefix}.num_attention_heads",
+        kv_heads=kv,
+        description=f"{kind} decoder",
+    )

@@ -1,0 +1,41 @@
+"""Exception types: every failure names what was wrong and how to fix it."""
+
+
+class VLMInterpError(Exception):
+    """Base class of all errors raised on purpose by vlm-interp."""
+
+
+class HookNeverFiredError(VLMInterpError):
+    """A hook was attached but the module it sits on never ran inside the context."""
+
+
+class ModuleNotFoundInModelError(VLMInterpError, LookupError):
+    """A module path does not resolve on the model."""
+
+
+class UnsupportedOutputError(VLMInterpError, TypeError):
+    """A hooked module returned or received something the hook engine cannot edit."""
+
+
+class SiteError(VLMInterpError, ValueError):
+    """A site name is malformed or names something this model does not have."""
+
+
+class UnknownArchitectureError(VLMInterpError, ValueError):
+    """No adapter exists for this model class."""
+
+
+class AdapterValidationError(VLMInterpError):
+    """An adapter's module paths do not resolve on the model it was attached to."""
+
+
+class PromptError(VLMInterpError, ValueError):
+    """The prompt template and the processor disagree (missing or extra image placeholder)."""
+
+
+class ImageTokenMismatchError(VLMInterpError, ValueError):
+    """The number of image tokens in the prompt differs from what the vision tower produces."""
+
+
+class AnswerEncodingError(VLMInterpError, ValueError):
+    """An answer cannot be encoded by the tokenizer (empty, unknown tokens, misaligned)."""

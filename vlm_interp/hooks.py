@@ -1,0 +1,251 @@
+"""The single hook engine: attach, edit, capture, always remove, never silent.
+
+A :class:`Hook` names a module by its dotted path and says what to do with the module's
+primary tensor (its output, or its first input): edit it through a function, capture it,
+or both. :class:`Hooks` is the context manager that attaches a set of hooks, removes
+exactly the handles it created (transformers installs hooks of its own that must
+survive), and raises :class:`HookNeverFiredError` when a hook did not fire.
+
+The *primary tensor* of a module output is found from the output's runtime type, not
+from a guess about the transformers version: a tensor is itself; a tuple or list has it
+first; a ``ModelOutput`` has it as its first field. Inputs are the first positional
+argument, or the ``hidden_states`` keyword when a module is called with keywords only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .errors import HookNeverFiredError, ModuleNotFoundInModelError, UnsupportedOutputError
+
+EditFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+HookKind = Literal["output", "input"]
+
+__all__ = ["Hook", "Hooks", "capture", "edit", "resolve_module", "primary_tensor", "replace_primary"]
+
+
+@dataclass(eq=False)
+class Hook:
+    """What to do at one module.
+
+    ``fn`` receives the primary tensor and returns a replacement (or ``None`` to keep it,
+    for example after an in-place edit). With ``capture=True`` the tensor that flows on
+    (after ``fn``) is recorded once per call in ``captured``, detached and cloned unless
+    ``grad=True``. ``channels`` restricts both to a slice of the last dimension (one
+    attention head of an output projection's input). ``allow_unused=True`` opts out of the
+    never-fired check.
+    """
+
+    module: str
+    fn: EditFn | None = None
+    kind: HookKind = "output"
+    capture: bool = False
+    grad: bool = False
+    allow_unused: bool = False
+    name: str | None = None
+    channels: slice | None = None
+    calls: int = field(default=0, init=False)
+    captured: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("output", "input"):
+            raise ValueError(f"Hook kind must be 'output' or 'input', got {self.kind!r}")
+        if self.fn is None and not self.capture:
+            raise ValueError(f"Hook on {self.module!r} neither edits (fn) nor captures: it would do nothing")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.module}:{self.kind}"
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The single captured tensor; errors if the hook fired zero or several times."""
+        if len(self.captured) != 1:
+            raise ValueError(
+                f"hook {self.label} captured {len(self.captured)} tensors; use .captured for "
+                "modules that run several times (for example during generate)"
+            )
+        return self.captured[0]
+
+    def _process(self, full: torch.Tensor) -> torch.Tensor:
+        """Run the edit and the capture on one call; returns the tensor that flows on."""
+        self.calls += 1
+        if self.channels is not None and full.shape[-1] < (self.channels.stop or 0):
+            raise UnsupportedOutputError(
+                f"hook {self.label} selects channels {self.channels.start}:{self.channels.stop} "
+                f"but the tensor has only {full.shape[-1]}"
+            )
+        tensor = full if self.channels is None else full[..., self.channels]
+        if self.fn is not None:
+            new = self.fn(tensor)
+            if new is not None:
+                if not isinstance(new, torch.Tensor):
+                    raise UnsupportedOutputError(
+                        f"edit function of hook {self.label} returned {type(new).__name__}; "
+                        "it must return a tensor or None"
+                    )
+                if new.shape != tensor.shape:
+                    raise UnsupportedOutputError(
+                        f"edit function of hook {self.label} changed the shape from "
+                        f"{tuple(tensor.shape)} to {tuple(new.shape)}; edits must keep the shape"
+                    )
+                if new is not tensor:
+                    if self.channels is None:
+                        full = new
+                    else:
+                        full = full.clone()
+                        full[..., self.channels] = new
+                tensor = new
+        if self.capture:
+            self.captured.append(tensor if self.grad else tensor.detach().clone())
+        return full
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """Return ``model``'s submodule at dotted ``path`` ("" is the model itself), with a helpful error."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules()]
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        near = [n for n in names if n.startswith(parent)][:12] if parent else names[:12]
+        raise ModuleNotFoundInModelError(
+            f"module {path!r} does not exist on {type(model).__name__}; modules near it: {near}"
+        ) from None
+
+
+def primary_tensor(value: Any, where: str = "module") -> torch.Tensor:
+    """The tensor that carries a module's activation inside ``value`` (see module docstring)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, ModelOutput):
+        first = value[0] if len(value) else None
+        if isinstance(first, torch.Tensor):
+            return first
+    elif isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise UnsupportedOutputError(
+        f"{where} produced {type(value).__name__}, which has no tensor in first place; "
+        "hook a submodule that returns a tensor, a tuple starting with one, or a ModelOutput"
+    )
+
+
+def replace_primary(value: Any, new: torch.Tensor) -> Any:
+    """``value`` with its primary tensor replaced by ``new``, keeping the container type."""
+    if isinstance(value, torch.Tensor):
+        return new
+    if isinstance(value, ModelOutput):
+        value[next(iter(value.keys()))] = new
+        return value
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    raise UnsupportedOutputError(f"cannot replace the tensor inside {type(value).__name__}")
+
+
+def _output_hook(hook: Hook, where: str) -> Callable:
+    def run(module: nn.Module, args: tuple, output: Any) -> Any:
+        tensor = primary_tensor(output, where)
+        new = hook._process(tensor)
+        return None if new is tensor else replace_primary(output, new)
+
+    return run
+
+
+def _input_hook(hook: Hook, where: str) -> Callable:
+    def run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            tensor = primary_tensor(args[0], where)
+            new = hook._process(tensor)
+            return None if new is tensor else ((replace_primary(args[0], new), *args[1:]), kwargs)
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            tensor = kwargs["hidden_states"]
+            new = hook._process(tensor)
+            return None if new is tensor else (args, {**kwargs, "hidden_states": new})
+        raise UnsupportedOutputError(
+            f"{where} was called without positional arguments and without a 'hidden_states' "
+            f"keyword (keywords: {sorted(kwargs)}); hook its output or a submodule instead"
+        )
+
+    return run
+
+
+class Hooks(contextlib.AbstractContextManager):
+    """Attach ``hooks`` to ``model`` for the duration of a ``with`` block.
+
+    On exit every handle this object created is removed (and only those), also when the
+    body raised. If the body finished normally and a hook never fired (and does not allow
+    it), :class:`HookNeverFiredError` lists all such hooks.
+    """
+
+    def __init__(self, model: nn.Module, hooks: Iterable[Hook]):
+        self.model = model
+        self.hooks: list[Hook] = list(hooks)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "Hooks":
+        if self._handles:
+            raise RuntimeError("this Hooks context is already active; create a new one")
+        modules = [resolve_module(self.model, h.module) for h in self.hooks]  # resolve all before attaching any
+        try:
+            for hook, module in zip(self.hooks, modules):
+                where = f"module {hook.module!r} ({type(module).__name__})"
+                if hook.kind == "output":
+                    handle = module.register_forward_hook(_output_hook(hook, where))
+                else:
+                    handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True)
+                self._handles.append(handle)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._remove()
+        if exc_type is None:
+            silent = [h for h in self.hooks if h.calls == 0 and not h.allow_unused]
+            if silent:
+                raise HookNeverFiredError(
+                    "these hooks never fired, so the intervention or capture did nothing: "
+                    + ", ".join(h.label for h in silent)
+                    + ". Check that the forward pass reaches these modules (for example a Q-Former "
+                    "layer without cross-attention, or a tower that this input does not use), "
+                    "or pass allow_unused=True for a deliberate no-op."
+                )
+        return None
+
+    def __getitem__(self, key: str) -> Hook:
+        for h in self.hooks:
+            if key in (h.name, h.module):
+                return h
+        raise KeyError(key)
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module, modules: Iterable[str], kind: HookKind = "output", grad: bool = False
+) -> Iterator[dict[str, Hook]]:
+    """Capture the primary tensor of each named module; yields ``{path: Hook}``."""
+    hooks = {m: Hook(m, kind=kind, capture=True, grad=grad) for m in modules}
+    with Hooks(model, hooks.values()):
+        yield hooks
+
+
+@contextlib.contextmanager
+def edit(model: nn.Module, edits: dict[str, EditFn], kind: HookKind = "output") -> Iterator[dict[str, Hook]]:
+    """Edit the primary tensor of each named module through its function; yields ``{path: Hook}``."""
+    hooks = {m: Hook(m, fn=fn, kind=kind) for m, fn in edits.items()}
+    with Hooks(model, hooks.values()):
+        yield hooks

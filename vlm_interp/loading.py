@@ -1,0 +1,60 @@
+"""Loading: ``load`` a checkpoint (local folder, hub id, or ``zoo:NAME``) or ``wrap`` objects in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .adapters import REGISTRY, adapter_for, supported
+from .errors import UnknownArchitectureError
+from .model import VLM
+
+
+def wrap(model: nn.Module, processor: Any, *, template: str | None = None, answer_prefix: str = " ",
+         name: str | None = None) -> VLM:
+    """Wrap a model and processor already in memory; the adapter is chosen from the model class."""
+    model.eval()
+    return VLM(model, processor, adapter_for(model), template=template, answer_prefix=answer_prefix, name=name)
+
+
+def _zoo_path(name: str) -> str:
+    try:
+        from .zoo import organism_path
+    except ImportError:
+        raise UnknownArchitectureError(f"zoo:{name}: this installation has no model zoo") from None
+    return str(organism_path(name))
+
+
+def load(path_or_id: str, *, template: str | None = None, answer_prefix: str = " ", dtype: Any = None,
+         device: str = "cpu", **kwargs: Any) -> VLM:
+    """Load model and processor with ``from_pretrained`` and wrap them.
+
+    ``path_or_id`` is a local folder, a hub id, ``zoo:NAME`` for a shipped model organism,
+    or ``tiny:FAMILY`` for a tiny randomly initialised model (for trying things out).
+    The architecture is checked before any weights are read. Extra keyword arguments go to
+    both ``from_pretrained`` calls (for example ``revision`` or ``local_files_only``).
+    """
+    import transformers
+
+    name = path_or_id
+    if path_or_id.startswith("tiny:"):
+        from .tiny import tiny
+
+        return wrap(*tiny(path_or_id[5:]), template=template, answer_prefix=answer_prefix, name=name)
+    if path_or_id.startswith("zoo:"):
+        path_or_id = _zoo_path(path_or_id[4:])
+    config = transformers.AutoConfig.from_pretrained(path_or_id, **kwargs)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch not in REGISTRY:
+        raise UnknownArchitectureError(
+            f"{name}: architecture {arch!r} has no adapter. Supported: {', '.join(supported())}. "
+            "See vlm_interp/adapters/__init__.py for how to add one."
+        )
+    model_cls = getattr(transformers, arch)
+    model_kwargs = dict(kwargs)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = model_cls.from_pretrained(path_or_id, **model_kwargs).to(device)
+    processor = transformers.AutoProcessor.from_pretrained(path_or_id, **kwargs)
+    return wrap(model, processor, template=template, answer_prefix=answer_prefix, name=name)

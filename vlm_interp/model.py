@@ -1,0 +1,359 @@
+"""The VLM wrapper: a model, its processor and its adapter, with prepare, scoring and generate."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import geometry
+from .adapters import BoundAdapter, adapter_for
+from .errors import AnswerEncodingError, ImageTokenMismatchError, PromptError
+from .example import Example
+from .hooks import Hook, Hooks
+
+
+@dataclass
+class AnswerScore:
+    """Scores of one answer: first token and whole answer, probability and log-probability."""
+
+    answer: str
+    token_ids: list[int]
+    first_logprob: float
+    first_prob: float
+    logprob: float
+    prob: float
+
+
+class VLM:
+    """A vision-language model ready for interpretability work.
+
+    Build it with :func:`vlm_interp.load` or :func:`vlm_interp.wrap`. ``template`` is the
+    prompt around the question (``{question}``, plus the processor's image placeholder for
+    families that need one); ``None`` uses the processor's chat template when it has one,
+    else the family default. ``answer_prefix`` separates the prompt from the answer text
+    when answers are scored by a decoder LM.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, adapter: BoundAdapter | None = None,
+                 template: str | None = None, answer_prefix: str = " ", name: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.adapter = adapter or adapter_for(model)
+        self.template = template
+        self.answer_prefix = answer_prefix
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.family = self.adapter.adapter.family
+
+    def __repr__(self) -> str:
+        return f"VLM({self.name!r}, family={self.family!r})"
+
+    # ---- basic facts ------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_token(self) -> str | None:
+        tok = getattr(self.processor, "image_token", None)
+        return getattr(tok, "content", tok)
+
+    @property
+    def image_token_id(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "image_token_id", None) if self.adapter.adapter.image_in_lm else None
+
+    def hook(self, site, fn=None, **kw) -> Hook:
+        """A :class:`~vlm_interp.hooks.Hook` at a site name such as ``lm.attn.1`` or ``lm.head.1.3``."""
+        return self.adapter.hook(site, fn, **kw)
+
+    def hooks(self, hooks) -> Hooks:
+        """Context manager attaching ``hooks`` to this model (see :mod:`vlm_interp.hooks`)."""
+        return Hooks(self.model, hooks)
+
+    # ---- prompts ----------------------------------------------------------------------
+    def format_prompt(self, question: str, template: str | None = None) -> str:
+        """The full prompt text for ``question``, checked against the family's placeholder rule."""
+        template = template or self.template
+        image_token = self.image_token or "<image>"
+        needs_placeholder = self.family in ("llava", "llava_next")
+        if template is None and getattr(self.processor, "chat_template", None) and needs_placeholder:
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        template = template or self.adapter.adapter.default_template
+        if "{question}" not in template:
+            raise PromptError(f"prompt template {template!r} has no '{{question}}' field")
+        count = template.count(image_token)
+        if needs_placeholder and count != 1:
+            raise PromptError(
+                f"prompt template {template!r} contains the image placeholder {image_token!r} {count} times; "
+                f"{type(self.processor).__name__} replaces exactly one placeholder per image with the image "
+                f"tokens, so the template needs it once (for example 'USER: {image_token}\\n{{question}} ASSISTANT:')"
+            )
+        if not needs_placeholder and count:
+            raise PromptError(
+                f"prompt template {template!r} contains {image_token!r}, but {type(self.processor).__name__} "
+                "adds the image tokens itself; remove the placeholder"
+            )
+        if image_token in question:
+            raise PromptError(f"the question contains the image placeholder {image_token!r}; pass plain text")
+        return template.format(question=question)
+
+    # ---- prepare ----------------------------------------------------------------------
+    def prepare(self, image: Any, question: str, answer: str | None = None, *,
+                template: str | None = None, region: Any = None) -> Example:
+        """Process one image and question into an :class:`Example` with its token groups.
+
+        ``region`` (a box ``(x0, y0, x1, y1)`` or a boolean mask in original-image pixels)
+        adds the ``object`` group: the visual tokens whose patches overlap it.
+        """
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL image or a uint8 HxWx3 array, got {type(image).__name__}")
+        image = image.convert("RGB")
+        prompt = self.format_prompt(question, template)
+        inputs = dict(self.processor(images=image, text=prompt, return_tensors="pt"))
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        example = Example(inputs=inputs, prompt=prompt, question=question, image=image,
+                          image_hw=(image.height, image.width))
+        self._check_image_tokens(example)
+        self._fill_groups(example)
+        if answer is not None:
+            example.answer = answer
+            example.answer_ids = self.encode_answer(example, answer)
+        if region is not None:
+            self.add_object_group(example, region)
+        return example
+
+    def _check_image_tokens(self, example: Example) -> None:
+        spec = self.adapter.adapter
+        if not spec.image_in_lm:
+            return
+        ids = example.inputs["input_ids"][0]
+        found = int((ids == self.image_token_id).sum())
+        expected = spec.image_tokens(self.model.config, example.inputs)
+        if found != expected:
+            proc = self.processor
+            detail = {k: getattr(proc, k) for k in ("patch_size", "vision_feature_select_strategy",
+                                                     "num_query_tokens", "num_additional_image_tokens")
+                      if hasattr(proc, k)}
+            raise ImageTokenMismatchError(
+                f"the prompt holds {found} image tokens (id {self.image_token_id}) but the model turns this "
+                f"image into {expected} visual features. The processor and the model config disagree "
+                f"(processor settings: {detail}; image size {example.image_hw}); load both from the same "
+                "checkpoint or fix the processor's settings."
+            )
+
+    def _text_alignment(self, tokenizer, prompt: str, seq: list[int], skip_id: int | None) -> dict[int, tuple[int, int]]:
+        """Map positions of ``seq`` (a processed sequence) to character spans of ``prompt``.
+
+        The prompt is tokenized with offsets; positions holding ``skip_id`` (image tokens,
+        which the processor expands) are skipped; the rest must match token for token.
+        """
+        enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
+        plain = [(i, o) for i, o in zip(enc["input_ids"], enc["offset_mapping"]) if i != skip_id]
+        positions = [p for p, t in enumerate(seq) if t != skip_id]
+        if [i for i, _ in plain] != [seq[p] for p in positions]:
+            raise PromptError(
+                "could not align the processed input ids with the tokenized prompt; the processor changed "
+                f"the text in an unexpected way (prompt {prompt!r})"
+            )
+        return {p: tuple(o) for p, (_, o) in zip(positions, plain)}
+
+    def _question_positions(self, spans: dict[int, tuple[int, int]], prompt: str, question: str) -> list[int]:
+        start = prompt.rfind(question)
+        if start < 0:
+            raise PromptError(f"question {question!r} not found in the formatted prompt {prompt!r}")
+        end = start + len(question)
+        return sorted(p for p, (a, b) in spans.items() if b > a and a < end and b > start)
+
+    def _fill_groups(self, ex: Example) -> None:
+        spec = self.adapter.adapter
+        grid = self._vision_grid()
+        vision_n = grid[0] * grid[1]
+        ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
+        ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
+        if spec.decoder == "blip":
+            ids = ex.inputs["input_ids"][0].tolist()
+            spans = self._text_alignment(self.tokenizer, ex.prompt, ids, None)
+            ex.groups["text"] = {
+                "question": self._question_positions(spans, ex.prompt, ex.question),
+                "text": list(range(len(ids))),
+                "last": [len(ids) - 1],
+            }
+            # the answer decoder starts from its BOS token; position 0 predicts the first answer token
+            ex.groups["lm"] = {"last": [0], "text": [0]}
+            ex.tokens = [self.tokenizer.convert_ids_to_tokens(self.model.decoder_start_token_id)]
+            return
+        ids = ex.inputs["input_ids"][0].tolist()
+        image_id = self.image_token_id
+        spans = self._text_alignment(self.tokenizer, ex.prompt, ids, image_id)
+        image_pos = [p for p, t in enumerate(ids) if t == image_id]
+        ex.groups["lm"] = {
+            "image": image_pos,
+            "question": self._question_positions(spans, ex.prompt, ex.question),
+            "text": [p for p in range(len(ids)) if p not in set(image_pos)],
+            "last": [len(ids) - 1],
+        }
+        ex.tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, grid)
+        if "qformer" in self.adapter.n_layers:
+            n_query = self.model.config.num_query_tokens
+            groups = {"image": list(range(n_query))}
+            if "qformer_input_ids" in ex.inputs:
+                qids = ex.inputs["qformer_input_ids"][0].tolist()
+                qspans = self._text_alignment(self.processor.qformer_tokenizer, ex.prompt, qids, None)
+                groups["question"] = [n_query + p for p in self._question_positions(qspans, ex.prompt, ex.question)]
+                groups["text"] = [n_query + p for p in range(len(qids))]
+            ex.groups["qformer"] = groups
+
+    def _vision_grid(self) -> tuple[int, int]:
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return side, side
+
+    def _frame_boxes(self, ex: Example, grid: tuple[int, int]) -> list:
+        squash = self.family == "llava_next"
+        return geometry.frame_cells(self.processor.image_processor, ex.image_hw, grid, squash=squash)
+
+    def _lm_image_boxes(self, ex: Example, image_pos: list[int], grid: tuple[int, int]) -> dict:
+        """Boxes for the LM's image tokens (LLaVA families); Q-Former queries have none."""
+        if self.family not in ("llava", "llava_next"):
+            return {}
+        boxes: list = []
+        if self.model.config.vision_feature_select_strategy == "full":
+            boxes.append(None)  # the CLS feature covers no particular patch
+        boxes += self._frame_boxes(ex, grid)
+        if self.family == "llava_next":
+            from .adapters.llava_next import highres_grid
+
+            rows, cols = highres_grid(self.model.config, ex.image_hw)
+            cells = geometry.even_cells(ex.image_hw, (rows, cols))
+            for r in range(rows):
+                boxes += cells[r * cols:(r + 1) * cols] + [None]  # each row ends in a newline token
+        if len(boxes) != len(image_pos):
+            raise ImageTokenMismatchError(
+                f"{len(image_pos)} image tokens but the {self.family} layout describes {len(boxes)}"
+            )
+        return {p: b for p, b in zip(image_pos, boxes) if b is not None}
+
+    def add_object_group(self, ex: Example, region: Any, name: str = "object") -> list[int]:
+        """Add the group of visual tokens overlapping ``region`` in every tower that has boxes."""
+        mask = geometry.region_mask(region, ex.image_hw)
+        if not mask.any():
+            raise ValueError("the region selects no pixel of the image")
+        for tower, boxes in ex.boxes.items():
+            if boxes:
+                ex.groups[tower][name] = geometry.overlapping(boxes, mask)
+                if not ex.groups[tower][name]:
+                    warnings.warn(f"the region lies outside what the {tower} tower sees (the image processor "
+                                  f"crops it away); the {name!r} group of that tower is empty", stacklevel=2)
+        return ex.groups.get("lm", {}).get(name, [])
+
+    # ---- answers ----------------------------------------------------------------------
+    def encode_answer(self, ex: Example, answer: str) -> list[int]:
+        """Token ids of ``answer`` as the model would produce them after this prompt."""
+        if not answer or not answer.strip():
+            raise AnswerEncodingError("the answer is empty; give the text the model should produce")
+        tok = self.tokenizer
+        if self.adapter.adapter.decoder == "blip":
+            ids = tok(answer, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+            full = tok(ex.prompt + self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+            if full[: len(prompt_ids)] != prompt_ids:
+                raise AnswerEncodingError(
+                    f"answer {answer!r} does not tokenize separately from the prompt: the tokenizer merges "
+                    "the prompt's last token with the answer. Change answer_prefix or the template."
+                )
+            ids = full[len(prompt_ids):]
+        if not ids:
+            raise AnswerEncodingError(f"answer {answer!r} encodes to no tokens")
+        if tok.unk_token_id is not None and tok.unk_token_id in ids:
+            pieces = tok.convert_ids_to_tokens(ids)
+            raise AnswerEncodingError(
+                f"answer {answer!r} contains text the tokenizer cannot encode (it maps to {tok.unk_token!r}: "
+                f"{pieces}); use words in the model's vocabulary"
+            )
+        return ids
+
+    def answer_inputs(self, ex: Example, answer_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs that also feed the answer (all but its last token) for whole-answer scoring."""
+        inputs = dict(ex.inputs)
+        extra = torch.tensor([(answer_ids or [])[:-1]], dtype=torch.long, device=self.device)
+        if self.adapter.adapter.decoder == "blip":
+            bos = torch.full((1, 1), self.model.decoder_start_token_id, dtype=torch.long, device=self.device)
+            inputs["decoder_input_ids"] = torch.cat([bos, extra], dim=1)
+        elif extra.shape[1]:
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+        return inputs
+
+    def answer_start(self, ex: Example) -> int:
+        """Position of the logits that predict the first answer token."""
+        return ex.groups["lm"]["last"][0]
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (batch, positions, vocab) of the tower that produces the answer."""
+        spec = self.adapter.adapter
+        if spec.decoder == "blip":
+            if "decoder_input_ids" not in inputs:
+                bos = torch.full((inputs["input_ids"].shape[0], 1), self.model.decoder_start_token_id,
+                                 dtype=torch.long, device=self.device)
+                inputs = {**inputs, "decoder_input_ids": bos}
+            grab = Hook(spec.logits_module, capture=True, grad=True, name="answer logits")
+            with Hooks(self.model, [grab]):
+                self.model(**inputs)
+            return grab.value
+        return self.model(**inputs).logits
+
+    def score(self, ex: Example, answer: str | None = None) -> AnswerScore:
+        """Probability and log-probability of ``answer`` (default: the example's answer)."""
+        if answer is None:
+            if ex.answer_ids is None:
+                raise AnswerEncodingError("the example has no answer; pass answer= or prepare(..., answer=...)")
+            answer, ids = ex.answer, ex.answer_ids
+        else:
+            ids = self.encode_answer(ex, answer)
+        with torch.no_grad():
+            logits = self.logits(self.answer_inputs(ex, ids))
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        start = self.answer_start(ex)
+        per_token = torch.stack([logp[start + i, t] for i, t in enumerate(ids)])
+        first, total = float(per_token[0]), float(per_token.sum())
+        return AnswerScore(answer, ids, first, float(np.exp(first)), total, float(np.exp(total)))
+
+    def first_token_logits(self, ex: Example) -> torch.Tensor:
+        """Logits over the vocabulary for the first answer token, shape (vocab,)."""
+        with torch.no_grad():
+            return self.logits(ex.inputs)[0, self.answer_start(ex)].float()
+
+    def logit_diff(self, ex: Example, answer: str, other: str) -> float:
+        """First-token logit of ``answer`` minus that of ``other`` (for example yes vs no)."""
+        a, b = self.encode_answer(ex, answer)[0], self.encode_answer(ex, other)[0]
+        if a == b:
+            raise AnswerEncodingError(f"answers {answer!r} and {other!r} share their first token; a logit "
+                                      "difference of first tokens would be zero by construction")
+        logits = self.first_token_logits(ex)
+        return float(logits[a] - logits[b])
+
+    # ---- generation -------------------------------------------------------------------
+    def generate(self, ex: Example, max_new_tokens: int = 20, **kw: Any) -> str:
+        """Greedy (by default) generation of the answer text for one example."""
+        kw.setdefault("do_sample", False)
+        with torch.no_grad():
+            out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
+        if self.adapter.adapter.decoder == "causal":  # decoder LMs return the prompt too
+            out = out[:, ex.inputs["input_ids"].shape[1]:]
+        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
