@@ -1,0 +1,45 @@
+"""The command line and the README's promises."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)[:2]
+
+
+def test_readme_starts_with_two_commands_and_ci_runs_the_test_one():
+    install, test = readme_commands()
+    assert (ROOT / "README.md").read_text().index("```bash") < 20  # the very start of the README
+    assert "vlm-interp demo" in install and "pytest" in test
+    assert test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "vlm_interp.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in ("demo", "sites", "families"):
+        assert command in out
+
+
+def test_demo_runs_and_writes_its_picture(tmp_path):
+    from vlm_interp.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    picture = tmp_path / "object_patches.png"
+    assert picture.exists() and picture.stat().st_size > 1000
+
+
+def test_sites_command_lists_every_component(capsys):
+    from vlm_interp.cli import main
+
+    assert main(["sites", "--model", "tiny:instructblip"]) == 0
+    out = capsys.readouterr().out
+    assert "qformer.xattn_head: 4 sites" in out and "lm.head: 8 sites" in out

@@ -1,0 +1,49 @@
+"""Pictures people would rather look at than numbers: token groups and effects over the image."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .example import Example
+
+
+def _atomic_savefig(fig, path: Path) -> Path:
+    """Save a figure to a temporary file beside ``path`` and move it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_object_overlay(ex: Example, tower: str, path: "str | Path", group: str = "object",
+                        title: str | None = None) -> Path:
+    """Draw the image with the patch boxes of ``tower`` and highlight those in ``group``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(np.asarray(ex.image))
+    chosen = set(ex.groups.get(tower, {}).get(group, []))
+    for pos, (y0, x0, y1, x1) in ex.boxes.get(tower, {}).items():
+        hit = pos in chosen
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=hit, alpha=0.35 if hit else 0.6,
+                               edgecolor="white", facecolor="yellow", linewidth=0.5))
+    ax.set_title(title or f"{tower} tokens in group '{group}'", fontsize=8)
+    ax.axis("off")
+    try:
+        return _atomic_savefig(fig, Path(path))
+    finally:
+        plt.close(fig)
