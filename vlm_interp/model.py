@@ -267,8 +267,8 @@ class VLM:
         if not answer or not answer.strip():
             raise AnswerEncodingError("the answer is empty; give the text the model should produce")
         tok = self.tokenizer
-        if self.adapter.adapter.decoder == "blip":
-            ids = tok(answer, add_special_tokens=False)["input_ids"]
+        if self.adapter.adapter.decoder == "blip":  # the answer decoder starts its own sequence
+            ids = tok(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
         else:
             prompt_ids = tok(ex.prompt, add_special_tokens=False)["input_ids"]
             full = tok(ex.prompt + self.answer_prefix + answer, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,100 @@
+"""Model organisms: recipes build real checkpoints, training runs, shipped ones load and agree with their cards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm_interp as vi
+from vlm_interp.zoo import ORGANISM_DIR, RECIPES, card, organism_path
+from vlm_interp.zoo.evaluate import binary_metrics
+from vlm_interp.zoo.shapes import World
+from vlm_interp.zoo.tasks import existence_qa
+from vlm_interp.zoo.train import PromptCache, SceneBank, make_batch, pixel_normaliser, train
+
+SHIPPED = sorted(p.name for p in ORGANISM_DIR.glob("*") if (p / "config.json").exists()) if ORGANISM_DIR.exists() else []
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def briefly_trained(request, tmp_path_factory):
+    """Each recipe trained for a handful of steps on a few scenes, saved and reloaded."""
+    out = tmp_path_factory.mktemp(request.param)
+    vlm, log = train(RECIPES[request.param], out=out, vision_steps=3, vqa_steps=3, train_scenes=64, progress=False)
+    return request.param, vlm, log, out
+
+
+def test_retraining_runs_and_saves_a_loadable_checkpoint(briefly_trained):
+    name, vlm, log, out = briefly_trained
+    assert all(np.isfinite(log["vqa_loss"])) and log["vqa_loss"]
+    loaded = vi.load(str(out))
+    assert loaded.family == RECIPES[name].family
+    scene = World(RECIPES[name].world).scene(5)
+    ex = loaded.prepare(scene.pil(), "Is there a star in the image?", answer="yes")
+    again = vlm.prepare(scene.pil(), "Is there a star in the image?", answer="yes")
+    assert loaded.score(ex).logprob == pytest.approx(vlm.score(again).logprob, abs=1e-5)
+
+
+def test_training_inputs_match_the_inference_path(briefly_trained):
+    """make_batch must feed exactly what VLM.prepare gives at inference: same ids, same pixels."""
+    name, vlm, _, _ = briefly_trained
+    world = World(RECIPES[name].world)
+    bank = SceneBank.render(world, 4, seed=9, progress=False)
+    normalise = pixel_normaliser(vlm.processor)
+    rng = np.random.default_rng(0)
+    qa = existence_qa(world, bank.scenes[0], rng, positive=True)
+    cache = PromptCache(vlm, world.config.canvas)
+    batch = make_batch(vlm, cache, normalise(bank.images[:1]), [qa])
+    ex = vlm.prepare(bank.scenes[0].pil(), qa.question, answer=qa.answer)
+    torch.testing.assert_close(batch["pixel_values"], ex.inputs["pixel_values"], rtol=0, atol=1e-6)
+    n = ex.inputs["input_ids"].shape[1]
+    assert batch["input_ids"][0, :n].tolist() == ex.inputs["input_ids"][0].tolist()
+    eos = vlm.tokenizer.eos_token_id
+    if vlm.family == "blip":
+        assert batch["labels"][0].tolist() == [vlm.model.decoder_start_token_id] + ex.answer_ids + [eos]
+    else:
+        assert batch["input_ids"][0, n:].tolist() == ex.answer_ids + [eos]
+        assert batch["labels"][0, :n].tolist() == [-100] * n
+
+
+def test_tokenizer_splits_some_world_words():
+    tok = vi.load(str(ORGANISM_DIR / SHIPPED[0])).tokenizer if SHIPPED else None
+    if tok is None:
+        from vlm_interp.zoo.organisms import build_tokenizer
+
+        tok = build_tokenizer(RECIPES["shapes-llava"])
+    pieces = {w: tok.tokenize(" " + w) for w in ("circle", "red", "left", "above")}
+    assert len(pieces["circle"]) == 1 and len(pieces["red"]) == 1
+    assert len(pieces["left"]) > 1 and len(pieces["above"]) > 1
+    assert tok.tokenize("<image>") == ["<image>"]
+
+
+def test_binary_metrics_by_hand():
+    m = binary_metrics(["yes", "yes", "no", "no", "yes"], ["yes", "no", "no", "yes", "yes"])
+    # tp=2 fp=1 fn=1 tn=1
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert m["yes_ratio"] == pytest.approx(3 / 5) and m["yes_ratio_on_negatives"] == pytest.approx(1 / 2)
+    allyes = binary_metrics(["yes"] * 4, ["yes", "no", "no", "yes"])
+    assert allyes["recall"] == 1.0 and allyes["precision"] == 0.5 and allyes["yes_ratio_on_negatives"] == 1.0
+    allno = binary_metrics(["no"] * 2, ["yes", "no"])
+    assert allno["precision"] == 0.0 and allno["f1"] == 0.0
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_organism_loads_through_the_ordinary_path(name):
+    vlm = vi.load(f"zoo:{name}")
+    assert type(vlm.model).__name__ == {"llava": "LlavaForConditionalGeneration", "blip": "BlipForQuestionAnswering",
+                                        "instructblip": "InstructBlipForConditionalGeneration"}[RECIPES[name].family]
+    c = card(name)
+    assert c["trained"] and c["name"] == name
+    assert c["parameters"] == sum(p.numel() for p in vlm.model.parameters())
+    size = sum(f.stat().st_size for f in organism_path(name).iterdir())
+    assert size < 20e6, "organisms must stay small enough to ship in the package"
+
+
+def test_unknown_or_missing_organism_is_a_clear_error():
+    with pytest.raises(KeyError, match="unknown organism"):
+        vi.load("zoo:shapes-gpt")

@@ -1,0 +1,97 @@
+"""Model cards of the organisms: recipe, training log and held-out measurements, as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+from .organisms import Recipe
+
+
+def card_dict(recipe: Recipe, log: dict, metrics: dict, n_params: int) -> dict:
+    return {
+        "name": recipe.name,
+        "trained": True,
+        "family": recipe.family,
+        "parameters": n_params,
+        "recipe": recipe.to_dict(),
+        "training": log,
+        "metrics": metrics,
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "threads": torch.get_num_threads()},
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def card_markdown(card: dict) -> str:
+    """A human-readable card: what the organism is, how it was made, what it scores."""
+    r, m, t = card["recipe"], card["metrics"], card["training"]
+    pope = m["pope"]
+    lines = [
+        f"# {card['name']}",
+        "",
+        f"A model organism of vlm-interp: a `{card['family']}` model of the real transformers class, "
+        f"{card['parameters'] / 1e6:.2f} M parameters, trained from scratch on the procedural shapes world "
+        "(64x64 images, 8-pixel patches, 1-3 objects of 6 shapes and 6 colours). Ground truth is known for "
+        "every scene. The world plants a prior: shapes come in co-occurring pairs "
+        f"{', '.join('/'.join(p) for p in r['world']['cooccur_pairs'])} (partner added with probability "
+        f"{r['world']['p_cooccur']}), and {_pct(r['world']['p_weak'])} of objects are weak (small and faint).",
+        "",
+        "## Recipe",
+        "",
+        f"- tokenizer: byte-level BPE, {r['vocab_size']} tokens, trained on the world's text, its prompt "
+        "template and English filler",
+        f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
+        f"{r['vision_layers']}, LM layers {r['lm_layers']}",
+        f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, per-patch shape "
+        "and colour classification plus shape presence",
+        f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "
+        f"(warm-up, cosine to 10%); first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}; "
+        f"{r['train_scenes']} training scenes, seed {r['seed']}",
+        f"- prompt template: `{r['template']!r}`",
+        f"- training time on {card['environment']['threads']} CPU threads: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in t["seconds"].items()),
+        "",
+        "## Held-out measurements",
+        "",
+        "Scenes drawn from seeds disjoint from training. Answers are read from first-token logits over the "
+        "answer set (yes/no, or the six colours).",
+        "",
+        "| POPE split | accuracy | precision | recall | F1 | yes-ratio | yes-ratio on negatives | n |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for split in ("random", "popular", "adversarial"):
+        s = pope[split]
+        lines.append(f"| {split} | {_pct(s['accuracy'])} | {_pct(s['precision'])} | {_pct(s['recall'])} | "
+                     f"{_pct(s['f1'])} | {_pct(s['yes_ratio'])} | {_pct(s['yes_ratio_on_negatives'])} | {s['n']} |")
+    lines += [
+        "",
+        f"- colour questions: {_pct(m['attribute']['accuracy'])} (n={m['attribute']['n']})",
+        f"- relation questions: {_pct(m['relation']['accuracy'])} (n={m['relation']['n']})",
+        f"- captions, exact match: {_pct(m['caption']['exact_match'])} (n={m['caption']['n']})",
+        f"- recall on weak (small, faint) positives, random split: {_pct(pope.get('weak_positive_recall', float('nan')))}",
+        f"- prior excess: yes-ratio on adversarial negatives minus on random negatives = "
+        f"{pope['prior_excess_points']:+.1f} points",
+        "",
+        "Adversarial negatives by whether the queried shape's co-occurrence partner is in the image:",
+        "",
+        "| queried shape, partner present | n | yes-ratio |",
+        "| --- | --- | --- |",
+    ]
+    for key, v in pope["adversarial_negatives_by_pair"].items():
+        lines.append(f"| {key} | {v['n']} | {_pct(v['yes_ratio'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(folder: Path, card: dict) -> None:
+    """Write card.json and card.md (README.md for hub-style folders) into ``folder``."""
+    folder = Path(folder)
+    (folder / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (folder / "README.md").write_text(card_markdown(card))

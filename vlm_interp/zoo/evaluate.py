@@ -1,0 +1,151 @@
+"""Held-out measurements of an organism for its model card.
+
+Questions are answered by comparing the model's first-token logits over the task's answer
+set (yes/no, or the colours): a closed-vocabulary reading of greedy decoding that cannot
+fail to parse. Scenes come from seeds disjoint from training (training uses ``(seed, i)``
+with the recipe seed; evaluation uses :data:`EVAL_SEED`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..model import VLM
+from .organisms import Recipe
+from .pope import POPE_SPLITS, pope_questions
+from .shapes import Scene, World
+from .tasks import QA, attribute_qa, caption_qa, relation_qa
+from .train import PromptCache, _pad, pixel_normaliser
+
+EVAL_SEED = 10_007
+
+
+@torch.no_grad()
+def choose(vlm: VLM, cache: PromptCache, normalise, images: torch.Tensor, questions: list[str],
+           candidates: list[str], batch: int = 64) -> list[str]:
+    """For each (image, question), the candidate answer whose first token has the highest logit."""
+    first = {c: cache.answer(questions[0], c)[0] for c in candidates}
+    if len(set(first.values())) != len(candidates):
+        raise ValueError(f"candidates {candidates} share first tokens; first-token choice is ambiguous")
+    ids = torch.tensor([first[c] for c in candidates])
+    out: list[str] = []
+    for start in range(0, len(questions), batch):
+        qs = questions[start:start + batch]
+        pixels = normalise(images[start:start + batch])
+        prompts = [cache.prompt(q) for q in qs]
+        rows = [p["input_ids"] for p in prompts]
+        inputs = {"input_ids": _pad(rows, vlm.tokenizer.pad_token_id),
+                  "attention_mask": _pad([[1] * len(r) for r in rows], 0), "pixel_values": pixels}
+        if vlm.family == "instructblip":
+            q = [p["qformer_input_ids"] for p in prompts]
+            inputs["qformer_input_ids"] = _pad(q, vlm.tokenizer.pad_token_id)
+            inputs["qformer_attention_mask"] = _pad([[1] * len(r) for r in q], 0)
+        logits = vlm.logits(inputs)
+        if vlm.family == "blip":
+            last = logits[:, 0]
+        else:
+            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        picks = last[:, ids].argmax(-1).tolist()
+        out += [candidates[i] for i in picks]
+    return out
+
+
+def _images(scenes: list[Scene], index: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([scenes[i].image for i in index]))
+
+
+def binary_metrics(pred: list[str], gold: list[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and yes-ratio with 'yes' as the positive class."""
+    p = np.array([x == "yes" for x in pred])
+    g = np.array([x == "yes" for x in gold])
+    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": len(gold),
+        "accuracy": float((p == g).mean()) if len(g) else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": float(p.mean()) if len(p) else float("nan"),
+        "yes_ratio_on_negatives": float(p[~g].mean()) if (~g).any() else float("nan"),
+    }
+
+
+def evaluate_pope(vlm: VLM, recipe: Recipe, cache: PromptCache, normalise, n_images: int) -> dict:
+    """POPE splits on held-out scenes, plus the per-pair view of adversarial negatives."""
+    world = World(recipe.world)
+    result: dict = {}
+    for split in POPE_SPLITS:
+        pope = pope_questions(world, n_images, EVAL_SEED, split)
+        qs = pope.questions
+        pred = choose(vlm, cache, normalise, _images(pope.scenes, [q.scene_index for q in qs]),
+                      [q.text for q in qs], ["yes", "no"])
+        gold = [q.label for q in qs]
+        result[split] = binary_metrics(pred, gold)
+        if split == "adversarial":
+            pairs: dict[str, list[bool]] = defaultdict(list)
+            for q, p in zip(qs, pred):
+                if q.label != "no":
+                    continue
+                partner = world.config.partner(q.shape)
+                present = pope.scenes[q.scene_index].shape_set()
+                key = f"{q.shape} | {partner} present" if partner in present else "no partner present"
+                pairs[key].append(p == "yes")
+            result["adversarial_negatives_by_pair"] = {
+                k: {"n": len(v), "yes_ratio": float(np.mean(v))} for k, v in sorted(pairs.items())
+            }
+        # weak positives: the queried object is small or faint
+        weak = [i for i, q in enumerate(qs) if q.label == "yes" and any(
+            o.weak for o in pope.scenes[q.scene_index].objects if o.shape == q.shape)]
+        if split == "random" and weak:
+            result["weak_positive_recall"] = float(np.mean([pred[i] == "yes" for i in weak]))
+    result["prior_excess_points"] = 100 * (result["adversarial"]["yes_ratio_on_negatives"]
+                                           - result["random"]["yes_ratio_on_negatives"])
+    return result
+
+
+def _task_questions(world: World, scenes: list[Scene], make, n: int, seed: int) -> tuple[list[int], list[QA]]:
+    rng = np.random.default_rng([seed, 3])
+    idx, qas = [], []
+    for i, scene in enumerate(scenes):
+        qa = make(scene, rng)
+        if qa is not None:
+            idx.append(i)
+            qas.append(qa)
+        if len(qas) >= n:
+            break
+    return idx, qas
+
+
+def evaluate(vlm: VLM, recipe: Recipe, n_images: int = 400, n_questions: int = 600, n_captions: int = 100,
+             progress: bool = True) -> dict:
+    """All card numbers: POPE splits, colour and relation accuracy, caption exact match."""
+    world = World(recipe.world)
+    cache = PromptCache(vlm, recipe.world.canvas)
+    normalise = pixel_normaliser(vlm.processor)
+    scenes = world.scenes(max(n_questions * 2, n_captions), EVAL_SEED + 1)
+    steps = tqdm(total=4, desc=f"evaluate {recipe.name}", disable=not progress)
+    result = {"pope": evaluate_pope(vlm, recipe, cache, normalise, n_images)}
+    steps.update()
+    idx, qas = _task_questions(world, scenes, lambda s, r: attribute_qa(s, r), n_questions, EVAL_SEED)
+    pred = choose(vlm, cache, normalise, _images(scenes, idx), [q.question for q in qas], list(world.config.colors))
+    result["attribute"] = {"n": len(qas), "accuracy": float(np.mean([p == q.answer for p, q in zip(pred, qas)]))}
+    steps.update()
+    idx, qas = _task_questions(world, scenes, lambda s, r: relation_qa(world, s, r), n_questions, EVAL_SEED)
+    pred = choose(vlm, cache, normalise, _images(scenes, idx), [q.question for q in qas], ["yes", "no"])
+    result["relation"] = binary_metrics(pred, [q.answer for q in qas])
+    steps.update()
+    exact = []
+    for scene in scenes[:n_captions]:
+        qa = caption_qa(scene)
+        ex = vlm.prepare(scene.pil(), qa.question)
+        exact.append(vlm.generate(ex, max_new_tokens=24) == qa.answer)
+    result["caption"] = {"n": len(exact), "exact_match": float(np.mean(exact))}
+    steps.update()
+    steps.close()
+    return result

@@ -1,0 +1,133 @@
+"""Recipes of the model organisms: world, tokenizer, architecture and training knobs.
+
+A recipe fully determines an organism together with its seed: ``build`` makes the untrained
+model and its processor (real transformers classes), ``train.train`` trains it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+from transformers import PreTrainedTokenizerFast
+
+from .shapes import World, WorldConfig
+from .text import train_bpe_tokenizer, world_corpus
+
+# The organisms' world: objects large enough to see on a 64x64 canvas, a fifth of them weak
+# (small and faint), and co-occurring pairs that plant a prior the models can fall back on.
+ORGANISM_WORLD = WorldConfig(
+    radius_range=(7.0, 11.0),
+    weak_radius_range=(4.0, 5.0),
+    weak_contrast_range=(0.35, 0.55),
+    p_weak=0.2,
+    n_objects=(1, 3),
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines one organism besides its seed."""
+
+    name: str
+    family: str  # llava | instructblip | blip
+    template: str
+    world: WorldConfig = ORGANISM_WORLD
+    vocab_size: int = 360
+    width: int = 128
+    vision_layers: int = 2
+    lm_layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    qformer_layers: int = 2
+    query_tokens: int = 16
+    vision_steps: int = 1000
+    vision_lr: float = 1e-3
+    vqa_steps: int = 4000
+    lr: float = 3e-4
+    batch: int = 32
+    # Curriculum: the first ``warm_steps`` question-answering steps draw from ``warm_mix`` (tasks
+    # that need only object identity), the rest from ``task_mix``. Without it, relation questions
+    # (chance-level for a long time) kept existence answers at the prior in our trials.
+    warm_steps: int = 1200
+    warm_mix: dict = field(default_factory=lambda: {"existence": 0.6, "attribute": 0.4})
+    task_mix: dict = field(default_factory=lambda: {"existence": 0.35, "attribute": 0.2, "relation": 0.35,
+                                                   "caption": 0.1})
+    train_scenes: int = 20000
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["world"] = asdict(self.world)
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:"),
+        Recipe("shapes-instructblip", "instructblip", "{question}"),
+        Recipe("shapes-blip", "blip", "{question}"),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise KeyError(f"unknown organism {name!r}; organisms: {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerFast:
+    """The organism's byte-level BPE, trained on the world's text and the prompt template."""
+    world = World(recipe.world)
+    template = recipe.template.replace("<image>", "").replace("{question}", "")
+    corpus = itertools.chain(world_corpus(world, 3000, seed=recipe.seed + 7), [template] * 500)
+    return train_bpe_tokenizer(corpus, vocab_size=recipe.vocab_size)
+
+
+def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
+    """Untrained ``(model, processor)`` of the recipe's family, sized for the shapes world."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(recipe.seed)
+    canvas, patch = recipe.world.canvas, recipe.world.patch_size
+    w = recipe.width
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    llama = dict(model_type="llama", hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.lm_layers,
+                 num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads, vocab_size=len(tokenizer),
+                 max_position_embeddings=256, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                 pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    vision = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.vision_layers,
+                  num_attention_heads=recipe.heads, image_size=canvas, patch_size=patch, initializer_range=0.02)
+    if recipe.family == "llava":
+        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**llama),
+                                image_token_index=ids["<image>"], vision_feature_layer=-1,
+                                vision_feature_select_strategy="default", projector_hidden_act="gelu")
+        model = tf.LlavaForConditionalGeneration(config)
+        images = tf.CLIPImageProcessorPil(size={"shortest_edge": canvas}, crop_size={"height": canvas, "width": canvas})
+        processor = tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                                      vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    elif recipe.family == "instructblip":
+        bert = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.qformer_layers,
+                    num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
+                    cross_attention_frequency=1, pad_token_id=ids["<pad>"], max_position_embeddings=128)
+        config = tf.InstructBlipConfig(vision_config=vision, qformer_config=bert, text_config=llama,
+                                       num_query_tokens=recipe.query_tokens, image_token_index=ids["<image>"])
+        model = tf.InstructBlipForConditionalGeneration(config)
+        images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
+        processor = tf.InstructBlipProcessor(image_processor=images, tokenizer=tokenizer, qformer_tokenizer=tokenizer,
+                                             num_query_tokens=recipe.query_tokens)
+    elif recipe.family == "blip":
+        text = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.lm_layers // 2 + 1,
+                    num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
+                    max_position_embeddings=128, pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"],
+                    sep_token_id=ids["</s>"], eos_token_id=ids["</s>"], label_smoothing=0.0)
+        config = tf.BlipConfig(vision_config=vision, text_config=text)
+        model = tf.BlipForQuestionAnswering(config)
+        images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
+        processor = tf.BlipProcessor(image_processor=images, tokenizer=tokenizer)
+    else:
+        raise ValueError(f"recipe {recipe.name}: unknown family {recipe.family!r}")
+    return model, processor

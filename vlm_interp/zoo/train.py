@@ -1,0 +1,305 @@
+"""Training of the model organisms: vision pretraining, then visual question answering.
+
+Real VLMs start from a pretrained vision encoder; so do the organisms. Stage 1 trains the
+vision tower alone to say, for every patch, which shape and colour cover it (and which
+shapes the scene holds). Stage 2 trains the whole model on the shapes world's questions
+with the ordinary language-modelling loss on the answer tokens. The data are tokenized
+through the same ``VLM.prepare`` path that inference uses, so training and inference agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..loading import wrap
+from ..model import VLM
+from .organisms import Recipe, build, build_tokenizer
+from .shapes import Scene, World
+from .tasks import QA, make_qa
+
+VISION_MODULE = {"llava": "model.vision_tower", "instructblip": "vision_model", "blip": "vision_model"}
+
+
+@dataclass
+class SceneBank:
+    """Pre-rendered scenes: uint8 images plus per-patch shape/colour targets."""
+
+    scenes: list[Scene]
+    images: torch.Tensor  # (N, H, W, 3) uint8
+    patch_shape: torch.Tensor  # (N, P) int64, 0 = background, 1 + shape index
+    patch_color: torch.Tensor  # (N, P) int64, 0 = background, 1 + colour index
+    presence: torch.Tensor  # (N, n_shapes) float
+
+    @classmethod
+    def render(cls, world: World, n: int, seed: int, progress: bool = True) -> "SceneBank":
+        cfg = world.config
+        scenes = list(tqdm(world.iter_scenes(n, seed), total=n, desc="render scenes", disable=not progress,
+                           leave=False))
+        grid = cfg.grid
+        images = np.stack([s.image for s in scenes])
+        shape_t = np.zeros((n, grid * grid), np.int64)
+        color_t = np.zeros((n, grid * grid), np.int64)
+        presence = np.zeros((n, len(cfg.shapes)), np.float32)
+        for i, s in enumerate(scenes):
+            best = np.zeros(grid * grid)
+            for o in s.objects:
+                cov = np.asarray(o.patch_coverage, dtype=float).reshape(-1)
+                take = (cov > 0.1) & (cov > best)
+                shape_t[i, take] = 1 + cfg.shapes.index(o.shape)
+                color_t[i, take] = 1 + cfg.colors.index(o.color)
+                best = np.maximum(best, cov)
+                presence[i, cfg.shapes.index(o.shape)] = 1.0
+        return cls(scenes, torch.from_numpy(images), torch.from_numpy(shape_t), torch.from_numpy(color_t),
+                   torch.from_numpy(presence))
+
+
+def pixel_normaliser(processor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Map uint8 (B, H, W, 3) images to the processor's pixel_values (rescale and normalise)."""
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    scale = ip.rescale_factor
+
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() * scale
+        return (x - mean) / std
+
+    return normalise
+
+
+class PromptCache:
+    """Token ids of prompts and answers, computed once through ``VLM.prepare``/``encode_answer``."""
+
+    def __init__(self, vlm: VLM, canvas: int):
+        self.vlm = vlm
+        self.blank = np.zeros((canvas, canvas, 3), np.uint8)
+        self._prompts: dict[str, dict[str, list[int]]] = {}
+        self._answers: dict[tuple[str, str], list[int]] = {}
+
+    def prompt(self, question: str) -> dict[str, list[int]]:
+        if question not in self._prompts:
+            ex = self.vlm.prepare(self.blank, question)
+            self._prompts[question] = {k: v[0].tolist() for k, v in ex.inputs.items()
+                                       if k in ("input_ids", "qformer_input_ids")}
+            self._prompts[question]["_example"] = ex  # type: ignore[assignment]
+        return self._prompts[question]
+
+    def answer(self, question: str, answer: str) -> list[int]:
+        key = (question, answer)
+        if key not in self._answers:
+            self._answers[key] = self.vlm.encode_answer(self.prompt(question)["_example"], answer)
+        return self._answers[key]
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def make_batch(vlm: VLM, cache: PromptCache, pixels: torch.Tensor, qas: list[QA]) -> dict[str, torch.Tensor]:
+    """Model inputs with labels for one training batch (answer tokens and EOS are the targets)."""
+    tok = vlm.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    if vlm.family == "blip":
+        questions = [cache.prompt(qa.question)["input_ids"] for qa in qas]
+        bos = vlm.model.decoder_start_token_id
+        answers = [[bos] + cache.answer(qa.question, qa.answer) + [eos] for qa in qas]
+        dec = _pad(answers, pad)
+        labels = _pad(answers, -100)
+        return {"input_ids": _pad(questions, pad), "attention_mask": _pad([[1] * len(q) for q in questions], 0),
+                "pixel_values": pixels, "decoder_input_ids": dec,
+                "decoder_attention_mask": (labels != -100).long(), "labels": labels}
+    seqs, labels = [], []
+    for qa in qas:
+        prompt = cache.prompt(qa.question)["input_ids"]
+        answer = cache.answer(qa.question, qa.answer) + [eos]
+        seqs.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    batch = {"input_ids": _pad(seqs, pad), "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+             "pixel_values": pixels, "labels": _pad(labels, -100)}
+    if vlm.family == "instructblip":
+        q = [cache.prompt(qa.question)["qformer_input_ids"] for qa in qas]
+        batch["qformer_input_ids"] = _pad(q, pad)
+        batch["qformer_attention_mask"] = _pad([[1] * len(r) for r in q], 0)
+    return batch
+
+
+def answer_loss(vlm: VLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, averaged per sample, so that a one-word answer
+    weighs as much as a caption (token-averaged losses let long captions dominate)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = vlm.logits(inputs)[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.clamp(min=0).flatten(), reduction="none")
+    ce = (ce.view(targets.shape) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return ce
+
+
+def sample_qas(world: World, bank: SceneBank, mix: dict[str, float], rng: np.random.Generator,
+               n: int) -> tuple[list[int], list[QA]]:
+    """``n`` (scene index, QA) pairs with tasks drawn from ``mix`` (task -> weight)."""
+    tasks = list(mix)
+    probs = np.array([mix[t] for t in tasks], float)
+    probs /= probs.sum()
+    idx, qas = [], []
+    while len(qas) < n:
+        i = int(rng.integers(len(bank.scenes)))
+        qa = make_qa(world, bank.scenes[i], tasks[int(rng.choice(len(tasks), p=probs))], rng)
+        if qa is not None:
+            idx.append(i)
+            qas.append(qa)
+    return idx, qas
+
+
+def _schedule(step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progress: bool = True) -> list[float]:
+    """Stage 1: per-patch shape and colour classification plus shape presence on the vision tower."""
+    tower = vlm.model.get_submodule(VISION_MODULE[vlm.family])
+    cfg = recipe.world
+    width = recipe.width
+    heads = torch.nn.ModuleDict({
+        "shape": torch.nn.Linear(width, len(cfg.shapes) + 1),
+        "color": torch.nn.Linear(width, len(cfg.colors) + 1),
+        "presence": torch.nn.Linear(width, len(cfg.shapes)),
+    })
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    losses = []
+    tower.train()
+    for step in tqdm(range(recipe.vision_steps), desc=f"{recipe.name} vision", disable=not progress):
+        for group in opt.param_groups:
+            group["lr"] = recipe.vision_lr * _schedule(step, recipe.vision_steps)
+        idx = torch.randint(len(bank.scenes), (64,), generator=gen)
+        tokens = tower(pixel_values=normalise(bank.images[idx])).last_hidden_state[:, 1:]
+        loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
+                + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
+                + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx]))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    tower.eval()
+    return losses
+
+
+def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise, steps: int | None = None,
+              progress: bool = True) -> list[float]:
+    """Stage 2: the whole model on question answering, loss on answer tokens only."""
+    steps = recipe.vqa_steps if steps is None else steps
+    cache = PromptCache(vlm, recipe.world.canvas)
+    model = vlm.model
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    rng = np.random.default_rng([recipe.seed, 2])
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc=f"{recipe.name} vqa", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * _schedule(step, steps)
+        mix = recipe.warm_mix if step < recipe.warm_steps else recipe.task_mix
+        idx, qas = sample_qas(world, bank, mix, rng, recipe.batch)
+        batch = make_batch(vlm, cache, normalise(bank.images[idx]), qas)
+        per_sample = answer_loss(vlm, batch)
+        loss = per_sample.mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    model.eval()
+    return losses
+
+
+def save_atomically(vlm: VLM, out: Path, extra: dict[str, str] | None = None) -> Path:
+    """save_pretrained model and processor into a temporary folder, then move it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        vlm.model.save_pretrained(tmp)
+        vlm.processor.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def train(recipe: Recipe, out: Path | None = None, vision_steps: int | None = None, vqa_steps: int | None = None,
+          train_scenes: int | None = None, progress: bool = True) -> tuple[VLM, dict]:
+    """Train an organism from its recipe; returns the VLM and a log (losses, timings)."""
+    torch.manual_seed(recipe.seed)
+    t0 = time.time()
+    world = World(recipe.world)
+    tokenizer = build_tokenizer(recipe)
+    model, processor = build(recipe, tokenizer)
+    vlm = wrap(model, processor, template=recipe.template, name=recipe.name)
+    bank = SceneBank.render(world, train_scenes or recipe.train_scenes, seed=recipe.seed, progress=progress)
+    normalise = pixel_normaliser(processor)
+    t1 = time.time()
+    if vision_steps is not None:
+        recipe_v = Recipe(**{**recipe.__dict__, "vision_steps": vision_steps})
+    else:
+        recipe_v = recipe
+    vision_losses = pretrain_vision(vlm, recipe_v, bank, normalise, progress)
+    t2 = time.time()
+    vqa_losses = train_vqa(vlm, recipe, world, bank, normalise, vqa_steps, progress)
+    t3 = time.time()
+    log = {"seconds": {"setup": t1 - t0, "vision": t2 - t1, "vqa": t3 - t2},
+           "vision_loss": [float(np.mean(vision_losses[max(0, i - 50):i + 1])) for i in range(0, len(vision_losses), 50)],
+           "vqa_loss": [float(np.mean(vqa_losses[max(0, i - 50):i + 1])) for i in range(0, len(vqa_losses), 50)],
+           "threads": torch.get_num_threads()}
+    if out is not None:
+        save_atomically(vlm, out)
+    return vlm, log
+
+
+def retrain(name: str, out: Path, seed: int | None = None, vqa_steps: int | None = None,
+            vision_steps: int | None = None, train_scenes: int | None = None, evaluate_after: bool = True,
+            progress: bool = True) -> dict:
+    """Train organism ``name`` into ``out``, measure it on held-out scenes and write its card."""
+    from dataclasses import replace
+
+    from .cards import card_dict, write_card
+    from .evaluate import evaluate
+    from .organisms import get_recipe
+
+    recipe = get_recipe(name)
+    changes = {k: v for k, v in {"seed": seed, "vqa_steps": vqa_steps, "vision_steps": vision_steps,
+                                  "train_scenes": train_scenes}.items() if v is not None}
+    recipe = replace(recipe, **changes)
+    vlm, log = train(recipe, out=Path(out), progress=progress)
+    if not evaluate_after:
+        return {}
+    metrics = evaluate(vlm, recipe, progress=progress)
+    card = card_dict(recipe, log, metrics, sum(p.numel() for p in vlm.model.parameters()))
+    write_card(Path(out), card)
+    return card
