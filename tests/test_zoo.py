@@ -10,7 +10,7 @@ import torch
 
 import vlm_interp as vi
 from vlm_interp.zoo import ORGANISM_DIR, RECIPES, card, organism_path
-from vlm_interp.zoo.evaluate import binary_metrics
+from vlm_interp.hallucination.metrics import binary_metrics
 from vlm_interp.zoo.shapes import World
 from vlm_interp.zoo.tasks import existence_qa
 from vlm_interp.zoo.train import PromptCache, SceneBank, make_batch, pixel_normaliser, train

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..hallucination.metrics import binary_metrics
 from ..model import VLM
 from .organisms import Recipe
 from .pope import POPE_SPLITS, pope_questions
@@ -56,24 +57,6 @@ def choose(vlm: VLM, cache: PromptCache, normalise, images: torch.Tensor, questi
 
 def _images(scenes: list[Scene], index: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack([scenes[i].image for i in index]))
-
-
-def binary_metrics(pred: list[str], gold: list[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and yes-ratio with 'yes' as the positive class."""
-    p = np.array([x == "yes" for x in pred])
-    g = np.array([x == "yes" for x in gold])
-    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return {
-        "n": len(gold),
-        "accuracy": float((p == g).mean()) if len(g) else float("nan"),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": float(p.mean()) if len(p) else float("nan"),
-        "yes_ratio_on_negatives": float(p[~g].mean()) if (~g).any() else float("nan"),
-    }
 
 
 def evaluate_pope(vlm: VLM, recipe: Recipe, cache: PromptCache, normalise, n_images: int) -> dict:

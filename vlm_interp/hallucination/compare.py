@@ -1,0 +1,160 @@
+"""Side-by-side hallucination numbers for several models (and interventions) on the same questions."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Sequence
+
+import pandas as pd
+
+from ..model import VLM
+from .metrics import mcnemar
+from .pope import SPLITS, PopeItem, pope_table, read_pope, run_pope_sharded
+
+Intervention = Callable[[VLM], ContextManager]
+
+
+@dataclass
+class Comparison:
+    """The table (one row per system, split and answer source), paired tests, and written files."""
+
+    table: pd.DataFrame
+    tests: pd.DataFrame
+    files: dict[str, Path]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def zoo_pope_folder(folder: "str | Path", n_images: int = 400) -> Path:
+    """Write (once) the built-in shapes-world POPE set the organism cards are measured on."""
+    from ..zoo.evaluate import EVAL_SEED
+    from ..zoo.organisms import ORGANISM_WORLD
+    from ..zoo.pope import write_pope
+    from ..zoo.shapes import World
+
+    folder = Path(folder)
+    if not all((folder / f"{s}.jsonl").exists() for s in SPLITS):
+        write_pope(World(ORGANISM_WORLD), folder, n_images=n_images, seed=EVAL_SEED)
+    return folder
+
+
+def read_pope_folder(folder: "str | Path", splits: Sequence[str] = SPLITS) -> list[PopeItem]:
+    """All questions of the named splits in a folder holding ``<split>.jsonl`` and ``images/``."""
+    folder = Path(folder)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown POPE split(s) {unknown}; splits are {SPLITS}")
+    return [item for s in splits for item in read_pope(folder / f"{s}.jsonl", s, images=folder / "images")]
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A GitHub-style Markdown table (no extra dependency)."""
+    def cell(v):
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", source: str = "logits") -> Path:
+    """Grouped bars: one group per split, one bar per system, with bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..plots import _atomic_savefig
+
+    data = table[table["source"] == source]
+    systems = list(dict.fromkeys(data["system"]))
+    splits = [s for s in SPLITS if s in set(data["split"])]
+    width = 0.8 / max(1, len(systems))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(splits), 3.2))
+    for k, system in enumerate(systems):
+        rows = data[data["system"] == system].set_index("split").reindex(splits)
+        x = np.arange(len(splits)) + (k - (len(systems) - 1) / 2) * width
+        err = np.abs(np.vstack([rows[metric] - rows[f"{metric}_lo"], rows[f"{metric}_hi"] - rows[metric]]))
+        ax.bar(x, rows[metric], width, yerr=err, capsize=3, label=system)
+    ax.set_xticks(np.arange(len(splits)), splits)
+    ax.set_ylabel(f"POPE {metric} ({source})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def paired_tests(results: dict[str, pd.DataFrame], source_column: str) -> pd.DataFrame:
+    """McNemar tests between every pair of systems, per split, on the questions both answered."""
+    rows = []
+    for (a, fa), (b, fb) in itertools.combinations(results.items(), 2):
+        joined = fa.merge(fb, on=["split", "question_id"], suffixes=("_a", "_b"))
+        for split, group in joined.groupby("split"):
+            test = mcnemar(group[f"{source_column}_a"] == group["label_a"], group[f"{source_column}_b"] == group["label_b"])
+            rows.append({"a": a, "b": b, "split": split, "n": len(group), **test})
+    return pd.DataFrame(rows)
+
+
+def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "str | Path | None" = None,
+            out: "str | Path" = "vlm-interp-compare", interventions: dict[str, Intervention] | None = None,
+            splits: Sequence[str] = SPLITS, suffix: str = "", max_new_tokens: int = 8, n_boot: int = 1000,
+            progress: bool = True) -> Comparison:
+    """Evaluate each model (with each intervention, plus the unmodified model) on the same questions.
+
+    ``questions`` is a folder with ``<split>.jsonl`` and ``images/``; ``None`` uses the built-in
+    shapes-world set. Writes ``table.csv``, ``table.md``, ``tests.csv`` and ``compare.png`` to ``out``;
+    per-question answers stay in ``out/<system>/results.jsonl`` and interrupted runs resume from them.
+    """
+    from ..loading import load
+
+    if benchmark != "pope":
+        raise ValueError(f"unknown benchmark {benchmark!r}; compare supports 'pope' (CHAIR: vlm_interp.hallucination.chair)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(questions) if questions is not None else zoo_pope_folder(out / "pope_set")
+    items = read_pope_folder(folder, splits)
+    variants: dict[str, Intervention | None] = {"none": None, **(interventions or {})}
+    results: dict[str, pd.DataFrame] = {}
+    tables = []
+    for model in models:
+        vlm = load(model) if isinstance(model, str) else model
+        for name, make in variants.items():
+            system = vlm.name if name == "none" else f"{vlm.name} + {name}"
+            context = make(vlm) if make is not None else contextlib.nullcontext()
+            with context:
+                frame = run_pope_sharded(vlm, items, folder / "images", out / slug(system), suffix=suffix,
+                                         max_new_tokens=max_new_tokens, progress=progress)
+            results[system] = frame
+            tables.append(pope_table(frame, n_boot=n_boot).assign(system=system, intervention=name))
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["system", "intervention", *[c for c in table.columns if c not in ("system", "intervention")]]]
+    tests = pd.concat([paired_tests(results, "logit_answer").assign(source="logits"),
+                       paired_tests(results, "parsed").assign(source="generation")], ignore_index=True) \
+        if len(results) > 1 else pd.DataFrame()
+    files = {
+        "table.csv": _atomic_text(out / "table.csv", table.to_csv(index=False)),
+        "table.md": _atomic_text(out / "table.md", markdown_table(
+            table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi", "precision", "recall",
+                   "f1", "yes_ratio", "n"]])),
+        "tests.csv": _atomic_text(out / "tests.csv", tests.to_csv(index=False)),
+        "compare.png": plot_comparison(table, out / "compare.png"),
+    }
+    return Comparison(table, tests, files)

@@ -1,0 +1,219 @@
+"""POPE: read question sets, answer them with a VLM, keep every answer, report metrics.
+
+Each question is answered twice: by greedy generation parsed with POPE's rule, and from the
+first-token logits (P(yes) against P(no)), so that parsing failures can be seen. Every
+answer goes to a per-question JSON-lines file, one flushed line per question; an
+interrupted run resumes from it. Several processes share the questions by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import VLMInterpError
+from ..model import VLM
+from .answers import is_explicit, parse_yes_no
+from .metrics import binary_metrics_with_ci
+
+SPLITS = ("random", "popular", "adversarial")
+DEFAULT_SUFFIX = ""  # peers differ: " Please answer this question with one word." or " Please answer yes or no."
+
+
+class PopeFormatError(VLMInterpError, ValueError):
+    """A POPE file or its images are malformed or missing."""
+
+
+@dataclass(frozen=True)
+class PopeItem:
+    """One POPE question (the standard layout: question_id, image, text, label) and its split."""
+
+    question_id: int
+    image: str
+    text: str
+    label: str
+    split: str
+
+
+def read_pope(path: "str | Path", split: str | None = None, images: "str | Path | None" = None) -> list[PopeItem]:
+    """Read a POPE JSON-lines file; ``split`` defaults to the file name (``adversarial.jsonl``).
+
+    Errors name the file and line. With ``images`` every referenced image must exist.
+    """
+    path = Path(path)
+    split = split or path.stem.split("_")[-1]
+    if split not in SPLITS:
+        raise PopeFormatError(f"{path}: unknown split {split!r}; splits are {SPLITS} (pass split= to choose)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item = PopeItem(int(row["question_id"]), str(row["image"]), str(row["text"]), str(row["label"]), split)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise PopeFormatError(f"{path}:{number}: not a POPE line ({type(err).__name__}: {err}); "
+                                      "expected JSON with question_id, image, text, label") from None
+            if item.label not in ("yes", "no"):
+                raise PopeFormatError(f"{path}:{number}: label {item.label!r} must be 'yes' or 'no'")
+            if images is not None and not (Path(images) / item.image).exists():
+                raise PopeFormatError(f"{path}:{number}: image {item.image!r} not found in {images}")
+            items.append(item)
+    ids = [i.question_id for i in items]
+    if len(set(ids)) != len(ids):
+        raise PopeFormatError(f"{path}: question_id values repeat; they must identify questions uniquely")
+    return items
+
+
+def _done(results: Path) -> dict[tuple[str, int], dict]:
+    """Answers already in a results file; a torn last line (interrupted write) is dropped with a warning."""
+    done: dict[tuple[str, int], dict] = {}
+    if not results.exists():
+        return done
+    lines = results.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                warnings.warn(f"{results}:{number}: dropping an interrupted last line; that question is redone")
+                with open(results, "r+", encoding="utf-8") as f:
+                    f.truncate(sum(len(x.encode()) for x in lines[:-1]))
+                break
+            raise PopeFormatError(f"{results}:{number}: corrupt results line") from None
+        done[(row["split"], row["question_id"])] = row
+    return done
+
+
+@torch.no_grad()
+def answer(vlm: VLM, item: PopeItem, image: Image.Image, suffix: str, max_new_tokens: int) -> dict:
+    """Answer one question by generation and by first-token logits."""
+    ex = vlm.prepare(image, item.text + suffix)
+    text = vlm.generate(ex, max_new_tokens=max_new_tokens)
+    logits = vlm.first_token_logits(ex)
+    yes, no = vlm.encode_answer(ex, "yes")[0], vlm.encode_answer(ex, "no")[0]
+    p = torch.softmax(logits, -1)
+    return {
+        **asdict(item),
+        "suffix": suffix,
+        "answer_text": text,
+        "parsed": parse_yes_no(text),
+        "explicit": is_explicit(text),
+        "p_yes": float(p[yes]),
+        "p_no": float(p[no]),
+        "logit_answer": "yes" if logits[yes] > logits[no] else "no",
+    }
+
+
+def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results: "str | Path",
+             suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, rank: int = 0, world_size: int = 1,
+             progress: bool = True, also_done: Iterable["str | Path"] = ()) -> Path:
+    """Answer ``items`` (this rank's share) and append each answer to ``results`` as one JSON line.
+
+    Questions already in ``results`` (or in the ``also_done`` files of other ranks) are skipped
+    (resume); an existing answer given with another prompt suffix is an error rather than a
+    silent mix.
+    """
+    results = Path(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = _done(results)
+    for other in also_done:
+        if Path(other) != results:
+            done.update(_done(Path(other)))
+    for row in done.values():
+        if row["suffix"] != suffix:
+            raise PopeFormatError(f"{results} holds answers made with suffix {row['suffix']!r}, not {suffix!r}; "
+                                  "use another results file")
+    mine = [it for k, it in enumerate(items) if k % world_size == rank and (it.split, it.question_id) not in done]
+    with open(results, "a", encoding="utf-8") as out:
+        for item in tqdm(mine, desc=f"POPE {vlm.name} (rank {rank})", disable=not progress):
+            path = Path(images) / item.image
+            if not path.exists():
+                raise PopeFormatError(f"image {item.image!r} of question {item.question_id} not found in {images}")
+            row = answer(vlm, item, Image.open(path).convert("RGB"), suffix, max_new_tokens)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    return results
+
+
+def merge_results(parts: Iterable["str | Path"], out: "str | Path") -> pd.DataFrame:
+    """Gather per-rank result files into one, checking nothing is lost or duplicated; written atomically."""
+    rows = [row for part in parts for row in _done(Path(part)).values()]
+    frame = pd.DataFrame(rows).sort_values(["split", "question_id"]).reset_index(drop=True)
+    dup = frame.duplicated(["split", "question_id"])
+    if dup.any():
+        raise PopeFormatError(f"{int(dup.sum())} questions were answered by more than one process")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")), encoding="utf-8")
+    os.replace(tmp, out)
+    return frame
+
+
+def load_results(path: "str | Path") -> pd.DataFrame:
+    return pd.DataFrame(list(_done(Path(path)).values()))
+
+
+def pope_table(frame: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    """Metrics per split and answer source (parsed generation, logits) with bootstrap intervals."""
+    rows = []
+    for split, group in frame.groupby("split", sort=False):
+        for source, column in (("generation", "parsed"), ("logits", "logit_answer")):
+            m = binary_metrics_with_ci(group[column].tolist(), group["label"].tolist(), n_boot=n_boot)
+            rows.append({"split": split, "source": source, **m,
+                         "not_explicit": int((~group["explicit"]).sum()) if source == "generation" else 0})
+    order = {s: i for i, s in enumerate(SPLITS)}
+    return pd.DataFrame(rows).sort_values(["split", "source"], key=lambda c: c.map(order) if c.name == "split" else c)
+
+
+def process_rank() -> tuple[int, int, object | None]:
+    """(rank, world size, accelerate state) of this process: (0, 1, None) unless launched by accelerate."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise VLMInterpError("this process was launched with several workers but accelerate is not installed; "
+                             "pip install 'vlm-interp[dist]'") from None
+    # cpu=True lets accelerate form a gloo group on machines without GPUs (MULTI_CPU)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
+def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", folder: "str | Path",
+                     suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, progress: bool = True) -> pd.DataFrame:
+    """Answer all ``items`` across the processes of an ``accelerate launch`` (or alone), then merge.
+
+    Each rank appends to ``folder/parts/rank<r>.jsonl``; the results of all parts are merged,
+    without loss or duplication, into ``folder/results.jsonl`` by the main process.
+    """
+    folder = Path(folder)
+    parts = folder / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    rank, world, state = process_rank()
+    existing = sorted(parts.glob("rank*.jsonl"))
+    run_pope(vlm, items, images, parts / f"rank{rank}.jsonl", suffix, max_new_tokens, rank, world, progress,
+             also_done=existing)
+    if state is not None:
+        state.wait_for_everyone()
+    merged = folder / "results.jsonl"
+    if rank == 0:
+        frame = merge_results(sorted(parts.glob("rank*.jsonl")), merged)
+        wanted = {(i.split, i.question_id) for i in items}
+        have = set(zip(frame["split"], frame["question_id"]))
+        if not wanted <= have:
+            raise PopeFormatError(f"{len(wanted - have)} questions have no answer after the run; rerun to resume")
+    if state is not None:
+        state.wait_for_everyone()
+    return load_results(merged)
