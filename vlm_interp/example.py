@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,6 +19,8 @@ class Example:
     tokens, or Q-Former queries), ``question``, ``text`` (all non-image tokens), ``last``
     (the position whose logits give the answer), and ``object`` when a region was given.
     ``boxes[tower]`` maps visual positions to the box (original-image pixels) they cover.
+    ``edits`` are changes that are not model inputs (noise added inside the model); a run
+    honours them only through :func:`vlm_interp.corruptions.applied` (see that module).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -31,6 +34,7 @@ class Example:
     image: Any = None
     image_hw: tuple[int, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    edits: list[Any] = field(default_factory=list)  # vlm_interp.corruptions.InputEdit, applied by hooks
 
     def positions(self, group: str, tower: str = "lm") -> list[int]:
         """Positions of a token group in ``tower``, with an error naming the groups that exist."""
@@ -47,3 +51,9 @@ class Example:
     def with_inputs(self, **inputs: torch.Tensor) -> "Example":
         """A copy with some model inputs replaced (for corruptions); groups are kept."""
         return replace(self, inputs={**self.inputs, **inputs})
+
+    def derive(self, **changes: Any) -> "Example":
+        """A copy with ``changes`` whose groups, boxes, meta and edits are its own (safe to mutate)."""
+        own = {"groups": copy.deepcopy(self.groups), "boxes": copy.deepcopy(self.boxes),
+               "meta": dict(self.meta), "edits": list(self.edits), "inputs": dict(self.inputs)}
+        return replace(self, **{**own, **changes})

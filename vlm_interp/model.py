@@ -318,6 +318,12 @@ class VLM:
             return grab.value
         return self.model(**inputs).logits
 
+    def _applied(self, ex: Example):
+        """The example's in-model edits (noise corruptions), attached for one run."""
+        from .corruptions.base import applied
+
+        return applied(self, ex)
+
     def score(self, ex: Example, answer: str | None = None) -> AnswerScore:
         """Probability and log-probability of ``answer`` (default: the example's answer)."""
         if answer is None:
@@ -326,7 +332,7 @@ class VLM:
             answer, ids = ex.answer, ex.answer_ids
         else:
             ids = self.encode_answer(ex, answer)
-        with torch.no_grad():
+        with torch.no_grad(), self._applied(ex):
             logits = self.logits(self.answer_inputs(ex, ids))
         logp = torch.log_softmax(logits[0].float(), dim=-1)
         start = self.answer_start(ex)
@@ -336,7 +342,7 @@ class VLM:
 
     def first_token_logits(self, ex: Example) -> torch.Tensor:
         """Logits over the vocabulary for the first answer token, shape (vocab,)."""
-        with torch.no_grad():
+        with torch.no_grad(), self._applied(ex):
             return self.logits(ex.inputs)[0, self.answer_start(ex)].float()
 
     def logit_diff(self, ex: Example, answer: str, other: str) -> float:
@@ -352,7 +358,7 @@ class VLM:
     def generate(self, ex: Example, max_new_tokens: int = 20, **kw: Any) -> str:
         """Greedy (by default) generation of the answer text for one example."""
         kw.setdefault("do_sample", False)
-        with torch.no_grad():
+        with torch.no_grad(), self._applied(ex):
             out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
         if self.adapter.adapter.decoder == "causal":  # decoder LMs return the prompt too
             out = out[:, ex.inputs["input_ids"].shape[1]:]

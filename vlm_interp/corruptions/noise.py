@@ -1,0 +1,295 @@
+"""Gaussian noise corruptions (ROME / FCCT style) at image embeddings, vision patches or pixels.
+
+``noise(vlm, ex, scale="3sd", tokens="image", place="embeddings", seed=0)`` returns a
+corrupted copy of ``ex``. Noise on pixels changes ``pixel_values``; noise inside the model
+is an :class:`~vlm_interp.corruptions.base.InputEdit` in ``Example.edits``, applied by
+:func:`~vlm_interp.corruptions.base.applied` whenever the example runs.
+
+Where the noise goes is a small table per family (:data:`PLACES`), not copied model code:
+
+* ``embeddings``: the image embeddings entering the language model. In transformers 5 the
+  image features are scattered into ``inputs_embeds`` inside the model's forward, after
+  ``embed_tokens``, so a hook on ``embed_tokens`` never sees them. LLaVA hooks the projector
+  output and BLIP-2/InstructBLIP the ``language_projection`` output: their rows are the LM's
+  image-token group in order. LLaVA-NeXT re-orders projector rows into tiles and interleaves
+  newline tokens, so it hooks the LM's input itself (the first decoder layer's input), whose
+  positions are the LM's. BLIP's LM has no image tokens: the vision model's output, which the
+  question encoder cross-attends to, takes their place (positions = the vision group).
+* ``patches``: the vision tower's patch embeddings (positions = the vision group, CLS at 0).
+* ``pixels``: ``pixel_values`` inside the patches of the chosen vision positions.
+
+``scale`` is absolute (a float) or relative (``"3sd"`` = 3 x the standard deviation of the
+model's own values at that place and at image positions, over all elements, as ROME does),
+estimated by :func:`embedding_std` and cached per model object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from functools import reduce
+from typing import Literal, Sequence
+
+import torch
+
+from ..example import Example
+from ..hooks import Hook, HookKind, Hooks
+from .base import CorruptionError, InputEdit
+
+PlaceName = Literal["embeddings", "patches", "pixels"]
+PLACE_NAMES: tuple[str, ...] = ("embeddings", "patches", "pixels")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where noise is added: module path and hook kind, the tower whose positions index it.
+
+    ``index="group"``: dimension 1 of the tensor enumerates the tower's ``image`` group in
+    order (projector rows); ``index="position"``: it is the tower's sequence position.
+    ``hidden`` is the config attribute holding the width there.
+    """
+
+    module: str
+    kind: HookKind
+    tower: str
+    index: Literal["group", "position"]
+    hidden: str
+    why: str = ""
+
+
+_CLIP_PATCHES = Place("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
+                      "CLIP patch + position embeddings (CLS first)")
+_BLIP_PATCHES = Place("vision_model.embeddings", "output", "vision", "position", "vision_config.hidden_size",
+                      "ViT patch + position embeddings (CLS first)")
+_QUERIES = Place("language_projection", "output", "lm", "group", "text_config.hidden_size",
+                 "projected Q-Former queries, scattered in order into the LM's image-token positions")
+
+PLACES: dict[str, dict[str, Place]] = {
+    "llava": {
+        "embeddings": Place("model.multi_modal_projector", "output", "lm", "group", "text_config.hidden_size",
+                            "projected image features, scattered in order into the LM's image-token positions"),
+        "patches": _CLIP_PATCHES,
+    },
+    "llava_next": {
+        "embeddings": Place("model.language_model.layers.0", "input", "lm", "position", "text_config.hidden_size",
+                            "the LM's input embeddings (first decoder layer input); projector rows are re-ordered "
+                            "into tiles with newline tokens, so the LM input is where positions are the LM's"),
+        "patches": _CLIP_PATCHES,
+    },
+    "blip": {
+        "embeddings": Place("vision_model", "output", "vision", "position", "vision_config.hidden_size",
+                            "the image embeddings the question encoder cross-attends to (no image tokens in the LM)"),
+        "patches": _BLIP_PATCHES,
+    },
+    "blip2": {"embeddings": _QUERIES, "patches": _BLIP_PATCHES},
+    "instructblip": {"embeddings": _QUERIES, "patches": _BLIP_PATCHES},
+}
+
+_STD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], float]]" = weakref.WeakKeyDictionary()
+
+
+def place_of(vlm, place: str) -> Place:
+    """The :class:`Place` of ``place`` for this model's family (``pixels`` has none: it is an input)."""
+    if place not in PLACE_NAMES:
+        raise CorruptionError(f"unknown noise place {place!r}; choose one of {list(PLACE_NAMES)}")
+    if vlm.family not in PLACES:
+        raise CorruptionError(f"no noise places are known for the {vlm.family!r} family; add them to "
+                              "vlm_interp/corruptions/noise.py:PLACES")
+    if place == "pixels":
+        raise CorruptionError("'pixels' is not a module: noise there changes pixel_values directly")
+    return PLACES[vlm.family][place]
+
+
+def parse_scale(scale: float | int | str) -> tuple[float, bool]:
+    """``(factor, relative)`` from ``0.1`` (absolute), ``"0.1"`` or ``"3sd"`` (3 standard deviations)."""
+    if isinstance(scale, bool):
+        raise CorruptionError(f"noise scale must be a number or a string like '3sd', got {scale!r}")
+    relative = False
+    if isinstance(scale, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(sd)?\s*", scale, flags=re.IGNORECASE)
+        if not m:
+            raise CorruptionError(f"noise scale {scale!r} is neither a number nor a multiple of the standard "
+                                  "deviation such as '3sd'")
+        value, relative = float(m.group(1)), bool(m.group(2))
+    elif isinstance(scale, (int, float)):
+        value = float(scale)
+    else:
+        raise CorruptionError(f"noise scale must be a number or a string like '3sd', got {type(scale).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise CorruptionError(f"noise scale {scale!r} must be a positive finite number (zero noise changes nothing)")
+    return value, relative
+
+
+def _fingerprint(examples: Sequence[Example]) -> str:
+    h = hashlib.sha1()
+    for ex in examples:
+        for key in sorted(ex.inputs):
+            v = ex.inputs[key]
+            if torch.is_tensor(v):
+                h.update(key.encode())
+                h.update(str(tuple(v.shape)).encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def place_values(vlm, ex: Example, place: str) -> torch.Tensor:
+    """The model's own (clean) values at ``place`` and at image positions, flattened to 1-D."""
+    if place == "pixels":
+        return ex.inputs["pixel_values"].detach().float().flatten()
+    p = place_of(vlm, place)
+    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values")
+    with Hooks(vlm.model, [grab]), torch.no_grad():
+        vlm.logits(ex.inputs)
+    value = grab.value
+    if p.index == "position":
+        value = value[:, ex.positions("image", p.tower)]
+    return value.float().flatten()
+
+
+def embedding_std(vlm, examples: Sequence[Example], place: PlaceName = "embeddings") -> float:
+    """Standard deviation (unbiased, over all elements) of the model's values at ``place`` and image positions.
+
+    Estimated over ``examples`` (use clean ones) as ROME does, and cached per model object
+    and set of inputs, so repeated corruptions do not re-run the model.
+    """
+    examples = list(examples)
+    if not examples:
+        raise CorruptionError("embedding_std needs at least one example to estimate the spread from")
+    if place != "pixels":
+        place_of(vlm, place)
+    cache = _STD_CACHE.setdefault(vlm.model, {})
+    key = (place, _fingerprint(examples))
+    if key not in cache:
+        values = torch.cat([place_values(vlm, ex, place) for ex in examples])
+        if values.numel() < 2:
+            raise CorruptionError(f"only {values.numel()} value at {place!r}; cannot estimate a spread")
+        cache[key] = float(values.std())
+    return cache[key]
+
+
+def _positions(vlm, ex: Example, tower: str, tokens: str | Sequence[int], place: str) -> list[int]:
+    if isinstance(tokens, str):
+        try:
+            positions = ex.positions(tokens, tower)
+        except KeyError as err:
+            hint = ""
+            if tokens == "object":
+                hint = (" Prepare the example with region=(x0, y0, x1, y1) or a mask to get an 'object' group."
+                        if tower != "lm" or vlm.family in ("llava", "llava_next") else
+                        f" The {vlm.family} LM's image tokens are Q-Former queries, which cover no image region: "
+                        "use place='patches' or place='pixels' for noise on an object.")
+            raise CorruptionError(f"noise at {place!r} takes positions from the {tower} tower: {err.args[0]}.{hint}") \
+                from None
+    else:
+        positions = list(tokens)
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
+            raise CorruptionError(f"tokens must be a group name or a list of integer positions, got {tokens!r}")
+    positions = sorted(set(positions))
+    if not positions:
+        raise CorruptionError(f"the token selection {tokens!r} in the {tower} tower is empty: nothing to corrupt")
+    return positions
+
+
+def _noise_tensor(shape: tuple[int, ...], scale: float, seed: int) -> torch.Tensor:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CorruptionError(f"seed must be a non-negative integer, got {seed!r}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+
+
+def _is_tiled(ex: Example) -> bool:
+    return ex.inputs["pixel_values"].dim() == 5  # LLaVA-NeXT: (batch, tiles, channels, height, width)
+
+
+def _check_tiled(ex: Example, vision_image: list[int], positions: list[int], place: str) -> None:
+    if _is_tiled(ex) and positions != vision_image:
+        raise CorruptionError(
+            f"noise at {place!r} on LLaVA-NeXT covers all image patches of every tile (tokens='image'); the "
+            "vision positions of a sub-group refer to the base view only. For noise on an object use "
+            "place='embeddings', where the LM's 'object' group covers the base view and the tiles."
+        )
+
+
+def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[int] = "image",
+          place: PlaceName = "embeddings", seed: int = 0, std_examples: Sequence[Example] | None = None) -> Example:
+    """A corrupted copy of ``ex`` with seeded Gaussian noise at ``place`` on ``tokens``.
+
+    ``tokens`` is a group name of the place's tower (``image``, ``object``, ...) or a list of
+    positions in it: the LM for ``embeddings`` (BLIP: the vision tower), the vision tower for
+    ``patches`` and ``pixels``. ``scale="3sd"`` uses :func:`embedding_std` of
+    ``std_examples`` (default: ``[ex]``). The same seed always gives the same noise.
+    """
+    factor, relative = parse_scale(scale)
+    std = embedding_std(vlm, std_examples if std_examples is not None else [ex], place) if relative else None
+    amount = factor * std if relative else factor
+    record = {"kind": "noise", "place": place, "tokens": tokens if isinstance(tokens, str) else list(tokens),
+              "scale": amount, "scale_spec": scale, "std": std, "seed": seed}
+    if place == "pixels":
+        positions = _positions(vlm, ex, "vision", tokens, place)
+        vision_image = ex.positions("image", "vision")
+        bad = [p for p in positions if p not in set(vision_image)]
+        if bad:
+            raise CorruptionError(f"vision positions {bad} are not image patches (position 0 is the CLS token, "
+                                  f"which has no pixels); patches are {vision_image[0]}..{vision_image[-1]}")
+        _check_tiled(ex, vision_image, positions, place)
+        pixels = ex.inputs["pixel_values"]
+        mask = _pixel_mask(vlm, pixels, vision_image, positions)
+        delta = _noise_tensor(tuple(pixels.shape), amount, seed) * mask
+        record.update(tower="vision", positions=positions)
+        corrupted = (pixels.float() + delta.to(pixels.device)).to(pixels.dtype)
+        return ex.derive(inputs={**ex.inputs, "pixel_values": corrupted}, meta={**ex.meta, "corruption": record})
+    p = place_of(vlm, place)
+    positions = _positions(vlm, ex, p.tower, tokens, place)
+    image = ex.positions("image", p.tower) if "image" in ex.groups.get(p.tower, {}) else []
+    hidden = int(reduce(getattr, p.hidden.split("."), vlm.model.config))
+    rows = 1
+    if p.tower == "vision":  # BLIP's vision output or patch embeddings: CLS + patches
+        length = 1 + len(image)
+        bad = [q for q in positions if not 0 <= q < length]
+        if bad:
+            raise CorruptionError(f"vision positions {bad} are out of range; the vision sequence has positions "
+                                  f"0..{length - 1} (0 is CLS)")
+        index, exact = positions, True
+        if place == "patches":
+            _check_tiled(ex, image, positions, place)
+            rows = ex.inputs["pixel_values"].shape[1] if _is_tiled(ex) else 1
+    else:
+        bad = [q for q in positions if q not in set(image)]
+        if bad:
+            where = f"image positions {image[0]}..{image[-1]}" if image else "this example has none"
+            raise CorruptionError(f"LM positions {bad} are not image tokens; noise at {place!r} touches image "
+                                  f"tokens only ({where})")
+        if p.index == "group":
+            rank = {q: i for i, q in enumerate(image)}
+            index, length, exact = [rank[q] for q in positions], len(image), True
+        else:
+            index, length, exact = positions, ex.inputs["input_ids"].shape[1], False
+    edit = InputEdit(p.module, p.kind, tuple(index), _noise_tensor((rows, len(index), hidden), amount, seed),
+                     length, exact, label=f"noise ({place}, seed {seed})")
+    record.update(tower=p.tower, positions=positions, module=p.module)
+    return ex.derive(edits=[*ex.edits, edit], meta={**ex.meta, "corruption": record})
+
+
+def _pixel_mask(vlm, pixels: torch.Tensor, vision_image: list[int], positions: list[int]) -> torch.Tensor:
+    """1 on the pixels of the chosen patches (row-major grid, CLS excluded), 0 elsewhere."""
+    patch = int(vlm.model.config.vision_config.patch_size)
+    h, w = pixels.shape[-2:]
+    rows, cols = h // patch, w // patch
+    if rows * cols != len(vision_image):
+        raise CorruptionError(f"pixel_values of {h}x{w} in {patch}-pixel patches give {rows * cols} patches but the "
+                              f"vision tower has {len(vision_image)} patch positions")
+    mask = torch.zeros(h, w)
+    for q in positions:
+        r, c = divmod(vision_image.index(q), cols)
+        mask[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 1.0
+    return mask
+
+
+def noise_samples(vlm, ex: Example, n: int, seed: int = 0, **kw) -> list[Example]:
+    """``n`` noise corruptions of ``ex`` with seeds ``seed, seed + 1, ...`` (other arguments as :func:`noise`)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CorruptionError(f"n must be a positive integer, got {n!r}")
+    return [noise(vlm, ex, seed=seed + i, **kw) for i in range(n)]
