@@ -1,0 +1,156 @@
+"""The batched tracing engine against a plain loop: one forward per cell with one raw torch hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_interp.errors import SiteError
+from vlm_interp.tracing import Trace, trace
+
+from conftest import QUESTION
+
+# (tower, component, tokens) per family: every component kind of every tower the family has
+CASES = {
+    "llava": [("lm", "hidden", "each"), ("lm", "attn", "each"), ("lm", "mlp", "each"), ("lm", "head", ["image", "last"]),
+              ("vision", "mlp", "each")],
+    "llava_next": [("lm", "hidden", ["image", "question", "last"]), ("lm", "head", ["last"]), ("vision", "attn", "each")],
+    "blip": [("text", "xattn", "each"), ("text", "xattn_head", ["question"]), ("lm", "mlp", "each"),
+             ("lm", "xattn", "each"), ("vision", "hidden", "each")],
+    "blip2": [("qformer", "xattn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "attn", "each"),
+              ("qformer", "mlp", "each")],
+    "instructblip": [("qformer", "attn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "head", ["image"]),
+                     ("lm", "mlp", "each")],
+}
+
+
+def raw_value(vlm, path: str, kind: str, inputs: dict) -> torch.Tensor:
+    """A module's output or first input from one plain forward, with a plain torch hook."""
+    store = []
+    module = vlm.model.get_submodule(path)
+    if kind == "input":
+        handle = module.register_forward_pre_hook(
+            lambda m, a, kw: store.append((a[0] if a else kw["hidden_states"]).detach().clone()), with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(
+            lambda m, a, o: store.append((o if torch.is_tensor(o) else o[0]).detach().clone()))
+    try:
+        with torch.no_grad():
+            vlm.logits(inputs)
+    finally:
+        handle.remove()
+    return store[0]
+
+
+def plain_loop(vlm, clean, corrupt, tower, component, layer, head, positions, answer_id) -> float:
+    """Probability of the answer with one site restored, by a single raw hook and one forward."""
+    rel, kind = vlm.adapter.adapter.towers[tower].components[component]
+    path = vlm.adapter.module_path(tower, component, layer)
+    src = raw_value(vlm, path, kind, clean.inputs)
+    width = src.shape[-1] // vlm.adapter.n_heads[tower]
+    cols = slice(None) if head is None else slice(head * width, (head + 1) * width)
+
+    def patch(t):
+        t = t.clone()
+        t[:, positions, cols] = src[:, positions, cols]
+        return t
+
+    module = vlm.model.get_submodule(path)
+    if kind == "input":
+        handle = module.register_forward_pre_hook(
+            lambda m, a, kw: ((patch(a[0]), *a[1:]), kw) if a else (a, {**kw, "hidden_states": patch(kw["hidden_states"])}),
+            with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(
+            lambda m, a, o: patch(o) if torch.is_tensor(o) else (patch(o[0]), *o[1:]))
+    try:
+        with torch.no_grad():
+            logits = vlm.logits(corrupt.inputs)
+    finally:
+        handle.remove()
+    return float(torch.softmax(logits[0, vlm.answer_start(corrupt)].float(), -1)[answer_id])
+
+
+def test_batched_trace_equals_plain_loop(vlm, image, other_image):
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    answer_id = vlm.encode_answer(clean, "yes")[0]
+    for tower, component, tokens in CASES[vlm.family]:
+        tr = trace(vlm, clean, corrupt, components=[f"{tower}.{component}"], tokens=tokens, batch_size=7,
+                   progress=False)
+        data = tr.data.sel(component=component)
+        positions = tr.attrs["positions"]
+        heads = data.coords["head"].values if "head" in data.dims else [None]
+        layers = vlm.adapter.layers_with(tower, component)
+        checked = 0
+        for layer in layers:
+            for head in heads:
+                for k in range(len(positions)):
+                    cell = data.sel(layer=layer, position=k, **({} if head is None else {"head": head}))
+                    expected = plain_loop(vlm, clean, corrupt, tower, component, layer, head, positions[k], answer_id)
+                    assert float(cell) == pytest.approx(expected, abs=1e-5), (tower, component, layer, head, k)
+                    checked += 1
+        assert checked == len(layers) * len(heads) * len(positions)
+        # layers without the component (Q-Former cross-attention) stay NaN, nothing else does
+        per_layer = int(np.prod(data.shape[1:]))
+        assert int(np.isnan(data.values).sum()) == (vlm.adapter.n_layers[tower] - len(layers)) * per_layer
+
+
+def test_restoring_everything_recovers_the_clean_score(vlm, image, other_image):
+    """Restoring the last LM layer's output at every position gives exactly the clean run."""
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    tr = trace(vlm, clean, corrupt, components=["lm.hidden"], tokens="all", progress=False)
+    last = tr.data.sel(component="hidden", layer=vlm.adapter.n_layers["lm"] - 1, position=0)
+    assert float(last) == pytest.approx(tr.attrs["clean_score"], abs=1e-6)
+    assert float(tr.rr().sel(component="hidden", layer=vlm.adapter.n_layers["lm"] - 1, position=0)) == \
+        pytest.approx(1.0, abs=1e-3)
+
+
+def test_windows_and_noising_direction(image, other_image):
+    import vlm_interp as vi
+
+    vlm = vi.load("tiny:llava")
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    wide = trace(vlm, clean, corrupt, components=["lm.mlp"], tokens=["image"], window=2, progress=False)
+    both = trace(vlm, clean, corrupt, components=["lm.mlp"], tokens=["image"], window=3, progress=False)
+    # with two layers, a window of 3 around either layer covers both layers: same value for each
+    assert float(both.data[0, 0, 0]) == pytest.approx(float(both.data[0, 1, 0]), abs=1e-6)
+    assert not np.isnan(wide.data.values).any()
+    noised = trace(vlm, clean, corrupt, components=["lm.hidden"], tokens="all", direction="noise", progress=False)
+    assert float(noised.data.sel(layer=1, position=0)[0]) == pytest.approx(noised.attrs["corrupt_score"], abs=1e-6)
+
+
+def test_trace_saves_and_loads_losslessly(tmp_path, image, other_image):
+    import vlm_interp as vi
+
+    vlm = vi.load("tiny:llava")
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    tr = trace(vlm, clean, corrupt, components=["lm.hidden", "lm.attn"], progress=False)
+    for name in ("t.json", "t.nc"):
+        back = Trace.load(tr.save(tmp_path / name))
+        assert back.data.identical(tr.data) or (np.array_equal(back.data.values, tr.data.values, equal_nan=True)
+                                                and back.attrs == tr.attrs)
+        assert list(back.data.coords["token"].values) == list(tr.data.coords["token"].values)
+    avg = Trace.mean([tr, tr])
+    assert avg["mean"].dims == tr.data.dims and avg.attrs["n"] == 2
+
+
+def test_bad_trace_requests_are_clear_errors(image, other_image):
+    import vlm_interp as vi
+
+    vlm = vi.load("tiny:llava")
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    shifted = vlm.prepare(other_image, QUESTION + " is it ?", answer="yes")
+    with pytest.raises(Exception, match="token layout"):
+        trace(vlm, clean, shifted, progress=False)
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    with pytest.raises(SiteError, match="one tower"):
+        trace(vlm, clean, corrupt, components=["lm.attn", "vision.attn"], progress=False)
+    with pytest.raises(SiteError, match="no component"):
+        trace(vlm, clean, corrupt, components=["lm.xattn"], progress=False)
+    with pytest.raises(Exception, match="cannot encode"):
+        trace(vlm, clean, corrupt, answer="zebra", progress=False)

@@ -1,0 +1,89 @@
+"""Trace: a labelled array of effects (xarray) that saves, loads, averages and plots itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import xarray as xr
+
+from .metrics import recovery_rate
+
+
+@dataclass
+class Trace:
+    """Effects of restoring each cell, as ``data`` (dims such as component, layer, token or layer, head).
+
+    ``data.attrs`` holds the metric, the clean and corrupted scores, the model, the answer and
+    the corruption. ``rr()`` is the normalised recovery rate, ``indirect()`` the indirect effect
+    (patched minus corrupted), ``total_effect`` the clean minus corrupted score.
+    """
+
+    data: xr.DataArray
+
+    @property
+    def attrs(self) -> dict:
+        return self.data.attrs
+
+    @property
+    def total_effect(self) -> float:
+        return float(self.attrs["clean_score"] - self.attrs["corrupt_score"])
+
+    def indirect(self) -> xr.DataArray:
+        return self.data - self.attrs["corrupt_score"]
+
+    def rr(self) -> xr.DataArray:
+        return recovery_rate(self.data, self.attrs["clean_score"], self.attrs["corrupt_score"])
+
+    def sel(self, **kw) -> xr.DataArray:
+        return self.data.sel(**kw)
+
+    # ---- persistence -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = self.data
+        return {"dims": list(d.dims), "values": np.asarray(d.values).tolist(),
+                "coords": {k: np.asarray(v.values).tolist() for k, v in d.coords.items()},
+                "coord_dims": {k: list(v.dims) for k, v in d.coords.items()},
+                "attrs": d.attrs, "name": d.name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trace":
+        coords = {k: (d["coord_dims"][k], v) for k, v in d["coords"].items()}
+        return cls(xr.DataArray(np.array(d["values"], dtype=float), dims=d["dims"], coords=coords,
+                                attrs=d["attrs"], name=d.get("name")))
+
+    def save(self, path: "str | Path") -> Path:
+        """Write JSON (``.json``) or NetCDF (``.nc``) atomically; both load back losslessly."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if path.suffix == ".nc":
+            ds = self.data.copy()
+            ds.attrs = {"vlm_interp": json.dumps(self.attrs)}
+            ds.to_netcdf(tmp)
+        else:
+            tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "Trace":
+        path = Path(path)
+        if path.suffix == ".nc":
+            data = xr.load_dataarray(path)
+            data.attrs = json.loads(data.attrs["vlm_interp"])
+            return cls(data)
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def mean(cls, traces: Sequence["Trace"], dim: str = "example") -> xr.Dataset:
+        """Mean, standard error and 95% interval of the recovery rate over ``traces`` (same labels)."""
+        stacked = xr.concat([t.rr() for t in traces], dim=dim)
+        n = stacked.sizes[dim]
+        mean = stacked.mean(dim)
+        sem = stacked.std(dim, ddof=1) / np.sqrt(n) if n > 1 else xr.zeros_like(mean)
+        return xr.Dataset({"mean": mean, "sem": sem, "lo": mean - 1.96 * sem, "hi": mean + 1.96 * sem},
+                          attrs={"n": n})
