@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,36 @@ def test_sites_command_lists_every_component(capsys):
     assert main(["sites", "--model", "tiny:instructblip"]) == 0
     out = capsys.readouterr().out
     assert "qformer.xattn_head: 4 sites" in out and "lm.head: 8 sites" in out
+
+
+@pytest.mark.parametrize("spec", ["noise", "noise:scale=3sd,tokens=object,seed=1", "str:circle=square",
+                                  "edit:fill=mean", "pair:OTHER"])
+def test_trace_command_accepts_every_corruption(tmp_path, spec):
+    import json
+
+    from vlm_interp.cli import main
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
+    from vlm_interp.zoo.shapes import World
+
+    other = tmp_path / "other.png"
+    World(ORGANISM_WORLD).scene(99).pil().save(other)
+    spec = spec.replace("OTHER", str(other))
+    out = tmp_path / "trace"
+    assert main(["trace", "--model", "tiny:llava", "--image", "shapes:3", "--question", "Is there a circle in the image?",
+                 "--answer", "yes", "--corrupt", spec, "--tokens", "image,question,last", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["corruption"] == spec and summary["answer"] == "yes"
+    assert (out / "trace.png").stat().st_size > 1000
+    from vlm_interp.tracing import Trace
+
+    tr = Trace.load(out / "trace.json")
+    assert tr.data.sizes["position"] == 3 and tr.attrs["corruption"] == spec
+
+
+def test_trace_command_rejects_an_unknown_corruption(tmp_path):
+    from vlm_interp.cli import main
+    from vlm_interp.corruptions import CorruptionError
+
+    with pytest.raises(CorruptionError):
+        main(["trace", "--model", "tiny:llava", "--image", "shapes:3", "--question", "Is there a circle in the image?",
+              "--answer", "yes", "--corrupt", "blur", "--out", str(tmp_path)])

@@ -178,6 +178,63 @@ def _add_benchmark_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", default=default_out)
 
 
+def _load_image(spec: str, question: str):
+    """An image from a path, or ``shapes:SEED`` for a rendered shapes-world scene (with the queried object's mask)."""
+    from PIL import Image
+
+    if spec.startswith("shapes:"):
+        from vlm_interp.zoo.organisms import ORGANISM_WORLD
+        from vlm_interp.zoo.shapes import World
+
+        scene = World(ORGANISM_WORLD).scene(int(spec.split(":", 1)[1]))
+        named = [o for o in scene.objects if o.shape in question.lower()]
+        return scene.pil(), (named[0].mask if named else None)
+    return Image.open(spec).convert("RGB"), None
+
+
+def _trace(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import vlm_interp as vi
+    from vlm_interp.corruptions import from_spec
+    from vlm_interp.tracing import trace
+    from vlm_interp.tracing.plot import plot_image_effects, plot_trace
+
+    vlm = vi.load(args.model)
+    image, mask = _load_image(args.image, args.question)
+    region = tuple(float(v) for v in args.region.split(",")) if args.region else mask
+    ex = vlm.prepare(image, args.question, region=region)
+    answer = args.answer
+    if answer is None:  # trace the model's own first answer token, as ROME does
+        top = int(torch.argmax(vlm.first_token_logits(ex)))
+        answer = vlm.tokenizer.decode([top]).strip()
+    ex = vlm.prepare(image, args.question, answer=answer, region=region)
+    corrupt = from_spec(vlm, ex, args.corrupt)
+    corrupt.meta["corruption"] = args.corrupt
+    tokens = args.tokens if args.tokens in ("each", "all") else args.tokens.split(",")
+    components = [c if "." in c else f"{args.tower}.{c}" for c in args.components.split(",")]
+    tr = trace(vlm, ex, corrupt, components=components, tokens=tokens, window=args.window, metric=args.metric)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [tr.save(out / "trace.json"), plot_trace(tr, out / "trace.png")]
+    if tokens == "each" and ex.boxes.get(args.tower) and "hidden" in tr.data.coords["component"].values:
+        files.append(plot_image_effects(tr, ex, out / "image_effects.png", tower=args.tower))
+    rr = tr.rr()
+    best = rr.where(rr == rr.max(), drop=True)
+    summary = {"question": args.question, "answer": answer, "corruption": args.corrupt,
+               "clean_score": tr.attrs["clean_score"], "corrupt_score": tr.attrs["corrupt_score"],
+               "metric": args.metric, "best_cell": {k: str(v.values[0]) for k, v in best.coords.items()},
+               "best_rr": float(rr.max())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"{args.question} -> {answer!r}: {args.metric} clean {summary['clean_score']:.4f}, corrupted "
+          f"{summary['corrupt_score']:.4f} ({args.corrupt})")
+    print(f"strongest restoration: rr {summary['best_rr']:.3f} at {summary['best_cell']}")
+    print("wrote " + ", ".join(str(f) for f in files) + f", {out / 'summary.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-interp",
@@ -206,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--scenes", type=int, help="override the number of training scenes")
     zt.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and the card")
     zt.set_defaults(run=_zoo_train)
+    tr = sub.add_parser("trace", help="causal tracing of one example: corrupt, restore each site, plot the effects")
+    tr.add_argument("--model", default=DEFAULT_MODEL)
+    tr.add_argument("--image", required=True, help="image path, or shapes:SEED for a rendered shapes-world scene")
+    tr.add_argument("--question", required=True)
+    tr.add_argument("--answer", help="answer to trace (default: the model's own first token)")
+    tr.add_argument("--corrupt", default="noise", help="noise[:scale=3sd,tokens=image,place=embeddings,seed=0] | "
+                    "pair:PATH | str:circle=square | edit[:fill=blur]")
+    tr.add_argument("--region", help="object box x0,y0,x1,y1 in image pixels (shapes:SEED finds the asked object)")
+    tr.add_argument("--tower", default="lm")
+    tr.add_argument("--components", default="hidden,attn,mlp")
+    tr.add_argument("--tokens", default="each", help="each | all | comma-separated token groups")
+    tr.add_argument("--window", type=int, default=1)
+    tr.add_argument("--metric", default="prob", choices=["prob", "logprob"])
+    tr.add_argument("--out", default="vlm-interp-trace")
+    tr.set_defaults(run=_trace)
     pope = sub.add_parser("pope", help="POPE on one model; shard with `accelerate launch -m vlm_interp.cli pope ...`")
     pope.add_argument("--model", default=DEFAULT_MODEL)
     _add_benchmark_args(pope, "vlm-interp-pope")

@@ -21,10 +21,14 @@ def _plt():
 
 
 def _collapse_image(trace: Trace, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Average the image-token columns into one column labelled '<image> x N' (keeps the others)."""
+    """Average the image-token columns into one column labelled '<image> x N'.
+
+    Image tokens of the ``object`` group keep their own columns, marked '(object)'.
+    """
     groups = list(trace.data.coords["group"].values)
     labels = list(trace.data.coords["token"].values)
-    image_cols = [k for k, g in enumerate(groups) if g == "image"]
+    labels = [f"{t} (object)" if g == "object" else t for t, g in zip(labels, groups)]
+    image_cols = [k for k, g in enumerate(groups) if g == "image"]  # object tokens stay separate
     if len(image_cols) < 2:
         return values, labels
     keep, names = [], []
@@ -53,6 +57,7 @@ def plot_trace(trace: Trace, path: "str | Path", collapse_image: bool = True, no
         im = ax.imshow(values, aspect="auto", cmap="Purples" if comp == "hidden" else "Greens" if comp == "mlp"
                        else "Reds", origin="lower")
         ax.set_ylabel(f"{comp}\nlayer")
+        ax.set_yticks(range(values.shape[0]))
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label="recovery rate" if normalise else trace.attrs["metric"])
     a = trace.attrs
