@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..jsonl import jsonl_rows
 from .metrics import bootstrap_ci
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
@@ -113,15 +114,11 @@ def chair_metrics(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> di
 def read_caption_truth(path: "str | Path") -> list[dict]:
     """Ground truth for CHAIR: JSON lines with ``image`` and ``objects`` (canonical names), as the zoo writes."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append({"image": str(row["image"]), "objects": [str(o) for o in row["objects"]]})
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected JSON with 'image' and 'objects' ({err})") from None
+    for number, row in jsonl_rows(path):
+        try:
+            rows.append({"image": str(row["image"]), "objects": [str(o) for o in row["objects"]]})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: expected 'image' and a list 'objects' ({err!r})") from None
     return rows
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import VLMInterpError
+from ..jsonl import jsonl_rows
 from ..model import VLM
 from .answers import is_explicit, parse_yes_no
 from .metrics import binary_metrics_with_ci
@@ -54,21 +55,17 @@ def read_pope(path: "str | Path", split: str | None = None, images: "str | Path 
     if split not in SPLITS:
         raise PopeFormatError(f"{path}: unknown split {split!r}; splits are {SPLITS} (pass split= to choose)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                item = PopeItem(int(row["question_id"]), str(row["image"]), str(row["text"]), str(row["label"]), split)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise PopeFormatError(f"{path}:{number}: not a POPE line ({type(err).__name__}: {err}); "
-                                      "expected JSON with question_id, image, text, label") from None
-            if item.label not in ("yes", "no"):
-                raise PopeFormatError(f"{path}:{number}: label {item.label!r} must be 'yes' or 'no'")
-            if images is not None and not (Path(images) / item.image).exists():
-                raise PopeFormatError(f"{path}:{number}: image {item.image!r} not found in {images}")
-            items.append(item)
+    for number, row in jsonl_rows(path, PopeFormatError):
+        try:
+            item = PopeItem(int(row["question_id"]), str(row["image"]), str(row["text"]), str(row["label"]), split)
+        except (KeyError, TypeError, ValueError) as err:
+            raise PopeFormatError(f"{path}:{number}: not a POPE line ({type(err).__name__}: {err}); "
+                                  "expected question_id, image, text, label") from None
+        if item.label not in ("yes", "no"):
+            raise PopeFormatError(f"{path}:{number}: label {item.label!r} must be 'yes' or 'no'")
+        if images is not None and not (Path(images) / item.image).exists():
+            raise PopeFormatError(f"{path}:{number}: image {item.image!r} not found in {images}")
+        items.append(item)
     ids = [i.question_id for i in items]
     if len(set(ids)) != len(ids):
         raise PopeFormatError(f"{path}: question_id values repeat; they must identify questions uniquely")
