@@ -10,48 +10,49 @@ DEFAULT_MODEL = "tiny:llava"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Render a shapes scene, ask the model about one object, show where that object's tokens are."""
-    import torch
+    """Render a shapes scene, ask the model about one object, trace where the answer comes from."""
+    import numpy as np
 
     import vlm_interp as vi
+    from vlm_interp.corruptions import noise
     from vlm_interp.plots import save_object_overlay
+    from vlm_interp.tracing import trace
+    from vlm_interp.tracing.plot import plot_image_effects, plot_trace
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
     from vlm_interp.zoo.shapes import World
     from vlm_interp.zoo.tasks import existence_question
 
     vlm = vi.load(args.model)
-    scene = World().scene(args.seed)
+    scene = World(ORGANISM_WORLD).scene(args.seed)
     target = scene.objects[0]
     question = existence_question(target.shape)
     ex = vlm.prepare(scene.pil(), question, answer="yes", region=target.mask)
     print(vlm.adapter.describe())
     print(f"\nscene (seed {args.seed}): " + ", ".join(f"{o.color} {o.shape}" for o in scene.objects))
-    print(f"question: {question}")
-    lm = ex.groups["lm"]
-    print(f"LM sequence: {ex.n_tokens} tokens; image tokens {len(lm.get('image', []))}, "
-          f"question tokens {len(lm['question'])}, '{target.shape}' object tokens {lm.get('object', [])}")
+    print(f"question: {question}   generated answer: {vlm.generate(ex, max_new_tokens=3)!r}")
     for answer in ("yes", "no"):
-        s = vlm.score(ex, answer)
-        print(f"P({answer}) = {s.prob:.4f}   log P = {s.logprob:.3f}")
-    print(f"generated: {vlm.generate(ex, max_new_tokens=5)!r}")
-    # Effect of zeroing the object's image tokens at the LM input, per LM layer output (a first look;
-    # the tracing engine does this properly, batched and with corruptions).
-    positions = lm.get("object", [])
-    if positions:
-        base = vlm.score(ex).logprob
-
-        def zero(t):
-            t = t.clone()
-            t[:, positions] = 0
-            return t
-
-        for layer in range(vlm.adapter.n_layers["lm"]):
-            with vlm.hooks([vlm.hook(f"lm.hidden.{layer}", zero)]), torch.no_grad():
-                moved = vlm.score(ex).logprob - base
-            print(f"zero object tokens after lm layer {layer}: change in log P(yes) = {moved:+.4f}")
+        print(f"  P({answer}) = {vlm.score(ex, answer).prob:.4f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = save_object_overlay(ex, "vision", out / "object_patches.png", title=question)
-    print(f"\nwrote {path}")
+    files = [save_object_overlay(ex, "vision", out / "object_patches.png", title=question)]
+    # Causal tracing: noise on the image embeddings (3 sd), then restore each LM layer at each token.
+    corrupt = noise(vlm, ex, scale="3sd", tokens="image", seed=0)
+    tr = trace(vlm, ex, corrupt, components=["lm.hidden", "lm.attn", "lm.mlp"], tokens="each")
+    print(f"\nP(yes) clean {tr.attrs['clean_score']:.4f}, image embeddings noised {tr.attrs['corrupt_score']:.4f}")
+    lm = ex.groups["lm"]
+    if tr.total_effect > 0 and lm.get("object"):
+        rr = tr.rr().sel(component="hidden").values
+        image_pos, objects = lm["image"], set(lm["object"])
+        for layer in range(rr.shape[0]):
+            values = rr[layer, image_pos]
+            top = [image_pos[k] for k in np.argsort(-values)[:len(objects)]]
+            hit = len(objects & set(top)) / len(objects)
+            print(f"  lm layer {layer}: restoring single image tokens recovers up to {values.max():.2f} of the "
+                  f"answer; {hit:.0%} of the strongest tokens lie on the {target.shape}")
+        files.append(plot_image_effects(tr, ex, out / "image_effects.png"))
+    files.append(plot_trace(tr, out / "trace.png"))
+    tr.save(out / "trace.json")
+    print("\nwrote " + ", ".join(str(f) for f in files) + f", {out / 'trace.json'}")
     return 0
 
 
