@@ -154,3 +154,51 @@ def test_bad_trace_requests_are_clear_errors(image, other_image):
         trace(vlm, clean, corrupt, components=["lm.xattn"], progress=False)
     with pytest.raises(Exception, match="cannot encode"):
         trace(vlm, clean, corrupt, answer="zebra", progress=False)
+
+
+def test_dataset_trace_skips_wrong_answers_and_resumes(tmp_path, image, other_image):
+    import vlm_interp as vi
+    from vlm_interp.tracing.dataset import model_is_right, trace_dataset
+
+    vlm = vi.load("tiny:llava")
+    calls = []
+
+    def make(answer):
+        def build():
+            calls.append(answer)
+            return (vlm.prepare(image, QUESTION, answer=answer), vlm.prepare(other_image, QUESTION, answer=answer))
+        return build
+
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    top = vlm.tokenizer.decode([int(torch.argmax(vlm.first_token_logits(clean)))]).strip()
+    wrong = "no" if top != "no" else "yes"
+    assert model_is_right(vlm, vlm.prepare(image, QUESTION, answer=top))
+    pairs = [("a", make(top)), ("b", make(wrong)), ("c", make(top))]
+    first = trace_dataset(vlm, pairs, tmp_path, components=["lm.hidden"], progress=False)
+    assert len(first.traces) == 2 and [s["key"] for s in first.skipped] == ["b"]
+    summary = first.summary()
+    assert summary.attrs["n"] == 2 and summary.attrs["skipped"] == 1
+    assert float(summary["mean"].sel(component="hidden", layer=1, position=2)) == pytest.approx(
+        float(np.mean([t.rr().sel(component="hidden", layer=1, position=2) for t in first.traces])))
+    calls.clear()
+    again = trace_dataset(vlm, pairs, tmp_path, components=["lm.hidden"], progress=False)
+    assert calls == []  # nothing rebuilt or recomputed
+    assert all(np.array_equal(a.data.values, b.data.values) for a, b in zip(first.traces, again.traces))
+
+
+def test_important_heads_by_mean_plus_two_std():
+    import xarray as xr
+
+    from vlm_interp.tracing.heads import important_heads
+
+    values = np.zeros((1, 3, 4, 1))
+    values[0, 2, 1, 0] = 10.0  # one outstanding head
+    values[0, 0, 3, 0] = 1.0
+    data = xr.DataArray(values, dims=["component", "layer", "head", "position"],
+                        coords={"component": ["head"], "layer": [0, 1, 2], "head": [0, 1, 2, 3], "position": [0],
+                                "token": ("position", ["last"]), "group": ("position", ["last"])},
+                        attrs={"clean_score": 1.0, "corrupt_score": 0.0, "tower": "lm"})
+    heads = important_heads(Trace(data))
+    flat = values.ravel()
+    assert flat.mean() + 2 * flat.std() < 10 and flat.mean() + 2 * flat.std() > 1
+    assert heads["site"].tolist() == ["lm.head.2.1"]
