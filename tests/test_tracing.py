@@ -202,3 +202,11 @@ def test_important_heads_by_mean_plus_two_std():
     flat = values.ravel()
     assert flat.mean() + 2 * flat.std() < 10 and flat.mean() + 2 * flat.std() > 1
     assert heads["site"].tolist() == ["lm.head.2.1"]
+
+
+def test_auroc_against_a_hand_count():
+    from vlm_interp.tracing.groundtruth import auroc
+
+    # positives 3, 1; negatives 2, 0, 1: pairs won 3>2,3>0,3>1,1>0 = 4, ties 1=1 = 0.5 -> 4.5 / 6
+    assert auroc([3, 2, 1, 0, 1], [True, False, True, False, False]) == pytest.approx(4.5 / 6)
+    assert auroc([1, 2], [True, True]) != auroc([1, 2], [True, True])  # NaN without negatives
