@@ -51,7 +51,8 @@ def card_markdown(card: dict) -> str:
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
         f"{r['vision_layers']}, LM layers {r['lm_layers']}",
         f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, per-patch shape "
-        "and colour classification plus shape presence",
+        "and colour classification, shape presence, and each patch's own position",
+        f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",
         f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "
         f"(warm-up, cosine to 10%); first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}; "
         f"{r['train_scenes']} training scenes, seed {r['seed']}",

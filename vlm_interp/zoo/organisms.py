@@ -41,8 +41,10 @@ class Recipe:
     kv_heads: int = 2
     qformer_layers: int = 2
     query_tokens: int = 16
-    vision_steps: int = 1000
+    vision_steps: int = 1500
     vision_lr: float = 1e-3
+    # As in LLaVA, the pretrained vision tower stays frozen while the rest learns to answer.
+    freeze_vision: bool = True
     vqa_steps: int = 4000
     lr: float = 3e-4
     batch: int = 32
@@ -65,7 +67,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:"),
+        # existence alone first: in trials, mixed tasks from the start kept LLaVA's yes/no at the prior
+        Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:", warm_mix={"existence": 1.0}),
         Recipe("shapes-instructblip", "instructblip", "{question}"),
         Recipe("shapes-blip", "blip", "{question}"),
     )

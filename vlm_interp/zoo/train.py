@@ -181,7 +181,11 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         "shape": torch.nn.Linear(width, len(cfg.shapes) + 1),
         "color": torch.nn.Linear(width, len(cfg.colors) + 1),
         "presence": torch.nn.Linear(width, len(cfg.shapes)),
+        "where": torch.nn.Linear(width, 2),  # the patch's own (row, column), so position stays readable
     })
+    grid = cfg.grid
+    where = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
+    where = (where.reshape(1, grid * grid, 2).float() + 0.5) / grid - 0.5
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
@@ -194,7 +198,8 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         tokens = tower(pixel_values=normalise(bank.images[idx])).last_hidden_state[:, 1:]
         loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
                 + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
-                + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx]))
+                + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx])
+                + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1)))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -210,10 +215,16 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     steps = recipe.vqa_steps if steps is None else steps
     cache = PromptCache(vlm, recipe.world.canvas)
     model = vlm.model
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    vision = model.get_submodule(VISION_MODULE[vlm.family])
+    if recipe.freeze_vision:
+        vision.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     rng = np.random.default_rng([recipe.seed, 2])
     losses = []
     model.train()
+    if recipe.freeze_vision:
+        vision.eval()
     bar = tqdm(range(steps), desc=f"{recipe.name} vqa", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
@@ -225,12 +236,13 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
         loss = per_sample.mean()
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     model.eval()
+    vision.requires_grad_(True)
     return losses
 
 
