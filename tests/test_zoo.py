@@ -59,15 +59,15 @@ def test_training_inputs_match_the_inference_path(briefly_trained):
         assert batch["labels"][0, :n].tolist() == [-100] * n
 
 
-def test_tokenizer_splits_some_world_words():
-    tok = vi.load(str(ORGANISM_DIR / SHIPPED[0])).tokenizer if SHIPPED else None
-    if tok is None:
-        from vlm_interp.zoo.organisms import build_tokenizer
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_tokenizer_splits_some_world_words(name):
+    """Like real tokenizers, the organisms' BPE keeps common words whole and splits rarer ones."""
+    from vlm_interp.zoo.organisms import build_tokenizer
 
-        tok = build_tokenizer(RECIPES["shapes-llava"])
-    pieces = {w: tok.tokenize(" " + w) for w in ("circle", "red", "left", "above")}
-    assert len(pieces["circle"]) == 1 and len(pieces["red"]) == 1
-    assert len(pieces["left"]) > 1 and len(pieces["above"]) > 1
+    tok = vi.load(f"zoo:{name}").tokenizer if name in SHIPPED else build_tokenizer(RECIPES[name])
+    pieces = {w: tok.tokenize(" " + w) for w in ("circle", "red", "yes", "left", "right", "above", "below")}
+    assert all(len(pieces[w]) == 1 for w in ("circle", "red", "yes"))
+    assert any(len(pieces[w]) > 1 for w in ("left", "right", "above", "below")), pieces
     assert tok.tokenize("<image>") == ["<image>"]
 
 
@@ -98,3 +98,24 @@ def test_shipped_organism_loads_through_the_ordinary_path(name):
 def test_unknown_or_missing_organism_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown organism"):
         vi.load("zoo:shapes-gpt")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_reading_of_pope_agrees_with_the_pope_tool(name, tmp_path):
+    """The card's batched closed-set reading and vlm-interp pope's logit answers decide alike."""
+    from vlm_interp.hallucination.compare import read_pope_folder
+    from vlm_interp.hallucination.pope import load_results, run_pope
+    from vlm_interp.zoo.evaluate import EVAL_SEED, choose
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
+    from vlm_interp.zoo.pope import write_pope
+
+    write_pope(World(ORGANISM_WORLD), tmp_path, n_images=8, seed=EVAL_SEED, splits=["adversarial"])
+    items = read_pope_folder(tmp_path, ["adversarial"])
+    vlm = vi.load(f"zoo:{name}")
+    pope = load_results(run_pope(vlm, items, tmp_path / "images", tmp_path / "r.jsonl", progress=False))
+    from PIL import Image
+
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(tmp_path / "images" / i.image)) for i in items]))
+    cache = PromptCache(vlm, ORGANISM_WORLD.canvas)
+    card_way = choose(vlm, cache, pixel_normaliser(vlm.processor), images, [i.text for i in items], ["yes", "no"])
+    assert card_way == pope.sort_values("question_id")["logit_answer"].tolist()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny:llava"
+DEFAULT_MODEL = "zoo:shapes-llava"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on an embedded default model: ask about a rendered scene")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model to load (default {DEFAULT_MODEL})")
-    demo.add_argument("--seed", type=int, default=3, help="seed of the rendered shapes scene")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the rendered shapes scene")
     demo.add_argument("--out", default="vlm-interp-demo", help="folder for the pictures")
     demo.set_defaults(run=_demo)
     sites = sub.add_parser("sites", help="list the towers, components and sites of a model")

@@ -251,6 +251,7 @@ def save_atomically(vlm: VLM, out: Path, extra: dict[str, str] | None = None) ->
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is for everyone to read
     try:
         vlm.model.save_pretrained(tmp)
         vlm.processor.save_pretrained(tmp)
