@@ -63,7 +63,7 @@ class Trace:
         if path.suffix == ".nc":
             ds = self.data.copy()
             ds.attrs = {"vlm_interp": json.dumps(self.attrs)}
-            ds.to_netcdf(tmp)
+            ds.to_netcdf(tmp, engine="netcdf4")
         else:
             tmp.write_text(json.dumps(self.to_dict()))
         os.replace(tmp, path)
@@ -73,7 +73,7 @@ class Trace:
     def load(cls, path: "str | Path") -> "Trace":
         path = Path(path)
         if path.suffix == ".nc":
-            data = xr.load_dataarray(path)
+            data = xr.load_dataarray(path, engine="netcdf4")
             data.attrs = json.loads(data.attrs["vlm_interp"])
             return cls(data)
         return cls.from_dict(json.loads(path.read_text()))
