@@ -15,7 +15,6 @@ JSON-lines format, one pair per line (paths relative to the file)::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 
 from .. import geometry
 from ..example import Example
+from ..jsonl import jsonl_rows
 from .base import CorruptionError, check_layout
 
 REQUIRED = ("clean_image", "corrupt_image", "question")
@@ -165,16 +165,7 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
     path = Path(path)
     if not path.is_file():
         raise CorruptionError(f"pairs file {path} not found")
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise CorruptionError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            records.append(_record(obj, path.parent, str(path), number))
+    records = [_record(obj, path.parent, str(path), number) for number, obj in jsonl_rows(path, CorruptionError)]
     if not records:
         raise CorruptionError(f"pairs file {path} holds no pairs")
     return records
