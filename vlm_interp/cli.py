@@ -118,7 +118,8 @@ def _questions_folder(args: argparse.Namespace) -> Path:
 
 def _pope(args: argparse.Namespace) -> int:
     import vlm_interp as vi
-    from vlm_interp.hallucination.compare import _atomic_text, markdown_table, read_pope_folder
+    from vlm_interp.files import atomic_write
+    from vlm_interp.hallucination.compare import markdown_table, read_pope_folder
     from vlm_interp.hallucination.pope import pope_table, process_rank, run_pope_sharded
 
     folder = _questions_folder(args)
@@ -128,10 +129,10 @@ def _pope(args: argparse.Namespace) -> int:
                              max_new_tokens=args.max_new_tokens)
     if process_rank()[0] == 0:
         table = pope_table(frame)
-        _atomic_text(Path(args.out) / "table.csv", table.to_csv(index=False))
+        atomic_write(Path(args.out) / "table.csv", table.to_csv(index=False))
         text = markdown_table(table[["split", "source", "accuracy", "accuracy_lo", "accuracy_hi", "precision",
                                      "recall", "f1", "yes_ratio", "not_explicit", "n"]])
-        _atomic_text(Path(args.out) / "table.md", text)
+        atomic_write(Path(args.out) / "table.md", text)
         print(text)
     return 0
 
@@ -141,7 +142,7 @@ def _chair(args: argparse.Namespace) -> int:
 
     import vlm_interp as vi
     from vlm_interp.hallucination.chair import run_chair
-    from vlm_interp.hallucination.compare import _atomic_text
+    from vlm_interp.files import atomic_write
 
     folder = _questions_folder(args)
     vlm = vi.load(args.model)
@@ -149,8 +150,8 @@ def _chair(args: argparse.Namespace) -> int:
                                 prompt=args.prompt, limit=args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "chair_captions.csv", scores.to_csv(index=False))
-    _atomic_text(out / "chair.json", json.dumps(metrics, indent=1))
+    atomic_write(out / "chair_captions.csv", scores.to_csv(index=False))
+    atomic_write(out / "chair.json", json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
     return 0
 

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .example import Example
+from .files import atomic_path
 
 
-def _atomic_savefig(fig, path: Path) -> Path:
-    """Save a figure to a temporary file beside ``path`` and move it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+def save_figure(fig, path: "str | Path") -> Path:
+    """Save a matplotlib figure atomically (the format follows the file suffix)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def save_object_overlay(ex: Example, tower: str, path: "str | Path", group: str = "object",
@@ -44,6 +36,6 @@ def save_object_overlay(ex: Example, tower: str, path: "str | Path", group: str 
     ax.set_title(title or f"{tower} tokens in group '{group}'", fontsize=8)
     ax.axis("off")
     try:
-        return _atomic_savefig(fig, Path(path))
+        return save_figure(fig, Path(path))
     finally:
         plt.close(fig)

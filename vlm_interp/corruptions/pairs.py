@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import geometry
 from ..example import Example
-from ..jsonl import jsonl_rows
+from ..files import jsonl_rows
 from .base import CorruptionError, check_layout
 
 REQUIRED = ("clean_image", "corrupt_image", "question")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..jsonl import jsonl_rows
+from ..files import jsonl_rows
 from .metrics import bootstrap_ci
 
 VOCAB_DIR = Path(__file__).parent / "vocab"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable, ContextManager, Sequence
 
 import pandas as pd
 
+from ..files import atomic_write
 from ..model import VLM
 from .metrics import mcnemar
 from .pope import SPLITS, PopeItem, pope_table, read_pope, run_pope_sharded
@@ -65,13 +65,6 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", source: str = "logits") -> Path:
     """Grouped bars: one group per split, one bar per system, with bootstrap intervals."""
     import matplotlib
@@ -80,7 +73,7 @@ def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", s
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..plots import _atomic_savefig
+    from ..plots import save_figure
 
     data = table[table["source"] == source]
     systems = list(dict.fromkeys(data["system"]))
@@ -97,7 +90,7 @@ def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", s
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
     try:
-        return _atomic_savefig(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -150,11 +143,11 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
                        paired_tests(results, "parsed").assign(source="generation")], ignore_index=True) \
         if len(results) > 1 else pd.DataFrame()
     files = {
-        "table.csv": _atomic_text(out / "table.csv", table.to_csv(index=False)),
-        "table.md": _atomic_text(out / "table.md", markdown_table(
+        "table.csv": atomic_write(out / "table.csv", table.to_csv(index=False)),
+        "table.md": atomic_write(out / "table.md", markdown_table(
             table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi", "precision", "recall",
                    "f1", "yes_ratio", "n"]])),
-        "tests.csv": _atomic_text(out / "tests.csv", tests.to_csv(index=False)),
+        "tests.csv": atomic_write(out / "tests.csv", tests.to_csv(index=False)),
         "compare.png": plot_comparison(table, out / "compare.png"),
     }
     return Comparison(table, tests, files)

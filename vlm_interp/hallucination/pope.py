@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import VLMInterpError
-from ..jsonl import jsonl_rows
+from ..files import atomic_write, jsonl_rows, jsonl_text
 from ..model import VLM
 from .answers import is_explicit, parse_yes_no
 from .metrics import binary_metrics_with_ci
@@ -151,10 +151,7 @@ def merge_results(parts: Iterable["str | Path"], out: "str | Path") -> pd.DataFr
     dup = frame.duplicated(["split", "question_id"])
     if dup.any():
         raise PopeFormatError(f"{int(dup.sum())} questions were answered by more than one process")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, jsonl_text(frame.to_dict("records")))
     return frame
 
 

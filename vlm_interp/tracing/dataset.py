@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -13,6 +12,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..example import Example
+from ..files import atomic_write
 from .causal import trace
 from .results import Trace
 
@@ -63,9 +63,7 @@ def trace_dataset(vlm, pairs: Iterable[tuple[str, Callable[[], tuple[Example, Ex
         clean, corrupt = make_pair()
         if skip_wrong and not model_is_right(vlm, clean):
             record = {"key": key, "question": clean.question, "answer": clean.answer, "reason": "model answers otherwise"}
-            tmp = skip.with_name(f".{skip.name}.tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, skip)
+            atomic_write(skip, json.dumps(record))
             skipped.append(record)
             continue
         tr = trace(vlm, clean, corrupt, components=components, tokens=list(tokens), progress=False, **trace_kw)

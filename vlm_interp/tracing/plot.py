@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..example import Example
-from ..plots import _atomic_savefig
+from ..plots import save_figure
 from .results import Trace
 
 
@@ -64,7 +64,7 @@ def plot_trace(trace: Trace, path: "str | Path", collapse_image: bool = True, no
     axes[0, 0].set_title(f"{a['question']} -> {a['answer']!r}: {a['metric']} clean {a['clean_score']:.3f}, "
                          f"corrupted {a['corrupt_score']:.3f}", fontsize=8)
     try:
-        return _atomic_savefig(fig, Path(path))
+        return save_figure(fig, Path(path))
     finally:
         plt.close(fig)
 
@@ -82,7 +82,7 @@ def plot_heads(trace: Trace, path: "str | Path", position: int = 0, normalise: b
         ax.set_title(f"{trace.attrs['tower']}.{comp}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05)
     try:
-        return _atomic_savefig(fig, Path(path))
+        return save_figure(fig, Path(path))
     finally:
         plt.close(fig)
 
@@ -111,6 +111,6 @@ def plot_image_effects(trace: Trace, example: Example, path: "str | Path", compo
     ax.set_title(f"{tower}.{component} layer {layer}: restoring single image tokens", fontsize=8)
     ax.axis("off")
     try:
-        return _atomic_savefig(fig, Path(path))
+        return save_figure(fig, Path(path))
     finally:
         plt.close(fig)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
+from ..files import atomic_path, atomic_write
 from .metrics import recovery_rate
 
 
@@ -59,14 +59,12 @@ class Trace:
     def save(self, path: "str | Path") -> Path:
         """Write JSON (``.json``) or NetCDF (``.nc``) atomically; both load back losslessly."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if path.suffix == ".nc":
-            ds = self.data.copy()
-            ds.attrs = {"vlm_interp": json.dumps(self.attrs)}
-            ds.to_netcdf(tmp, engine="netcdf4")
-        else:
-            tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        if path.suffix != ".nc":
+            return atomic_write(path, json.dumps(self.to_dict()))
+        data = self.data.copy()
+        data.attrs = {"vlm_interp": json.dumps(self.attrs)}
+        with atomic_path(path) as tmp:
+            data.to_netcdf(tmp, engine="netcdf4")
         return path
 
     @classmethod

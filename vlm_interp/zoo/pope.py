@@ -9,15 +9,14 @@ writes; ``read_jsonl`` reads those files back.
 from __future__ import annotations
 
 import io
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from ..files import atomic_write, jsonl_rows, jsonl_text
 from .shapes import Cooccurrence, Scene, World, _check_name
 from .tasks import caption, existence_question
 
@@ -102,23 +101,6 @@ def pope_questions(world: World, n_images: int, seed: int, split: str, per_image
     return PopeSet(split, scenes, names, _pope_from_scenes(world, scenes, names, seed, split, per_image, stats))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonl(rows: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
-
-
 def write_pope(world: World, folder: str | os.PathLike, n_images: int, seed: int,
                splits: Sequence[str] = POPE_SPLITS, per_image: int = 3) -> dict[str, Path]:
     """Write a POPE set: ``images/<name>.png``, one ``<split>.jsonl`` per split (keys
@@ -135,13 +117,13 @@ def write_pope(world: World, folder: str | os.PathLike, n_images: int, seed: int
     for sc, name in zip(scenes, names):
         buf = io.BytesIO()
         sc.pil().save(buf, format="PNG")
-        _atomic_write(img_dir / name, buf.getvalue())
+        atomic_write(img_dir / name, buf.getvalue())
     written: dict[str, Path] = {"images": img_dir}
     stats = world.shape_stats()
     for split in splits:
         qs = _pope_from_scenes(world, scenes, names, seed, split, per_image, stats)
         path = root / f"{split}.jsonl"
-        _atomic_write(path, _jsonl(q.to_json() for q in qs))
+        atomic_write(path, jsonl_text(q.to_json() for q in qs))
         written[split] = path
     order = {s: i for i, s in enumerate(world.config.shapes)}
     caps = (
@@ -155,14 +137,13 @@ def write_pope(world: World, folder: str | os.PathLike, n_images: int, seed: int
         for i, (sc, name) in enumerate(zip(scenes, names))
     )
     written["captions"] = root / "captions.jsonl"
-    _atomic_write(written["captions"], _jsonl(caps))
+    atomic_write(written["captions"], jsonl_text(caps))
     return written
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file (as written by ``write_pope``)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in jsonl_rows(path)]
 
 
 __all__ = [
