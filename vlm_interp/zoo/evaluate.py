@@ -20,7 +20,7 @@ from .organisms import Recipe
 from .pope import POPE_SPLITS, pope_questions
 from .shapes import Scene, World
 from .tasks import QA, attribute_qa, caption_qa, relation_qa
-from .train import PromptCache, _pad, pixel_normaliser
+from .train import PromptCache, pixel_normaliser, token_inputs
 
 EVAL_SEED = 10_007
 
@@ -39,12 +39,10 @@ def choose(vlm: VLM, cache: PromptCache, normalise, images: torch.Tensor, questi
         pixels = normalise(images[start:start + batch])
         prompts = [cache.prompt(q) for q in qs]
         rows = [p["input_ids"] for p in prompts]
-        inputs = {"input_ids": _pad(rows, vlm.tokenizer.pad_token_id),
-                  "attention_mask": _pad([[1] * len(r) for r in rows], 0), "pixel_values": pixels}
+        inputs = {**token_inputs(rows, vlm.tokenizer.pad_token_id), "pixel_values": pixels}
         if vlm.family == "instructblip":
-            q = [p["qformer_input_ids"] for p in prompts]
-            inputs["qformer_input_ids"] = _pad(q, vlm.tokenizer.pad_token_id)
-            inputs["qformer_attention_mask"] = _pad([[1] * len(r) for r in q], 0)
+            inputs.update(token_inputs([p["qformer_input_ids"] for p in prompts], vlm.tokenizer.pad_token_id,
+                                       "qformer_"))
         logits = vlm.logits(inputs)
         if vlm.family == "blip":
             last = logits[:, 0]

@@ -108,6 +108,11 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def token_inputs(rows: list[list[int]], pad: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Right-padded ``<prefix>input_ids`` and the ``<prefix>attention_mask`` that marks the real tokens."""
+    return {f"{prefix}input_ids": _pad(rows, pad), f"{prefix}attention_mask": _pad([[1] * len(r) for r in rows], 0)}
+
+
 def make_batch(vlm: VLM, cache: PromptCache, pixels: torch.Tensor, qas: list[QA]) -> dict[str, torch.Tensor]:
     """Model inputs with labels for one training batch (answer tokens and EOS are the targets)."""
     tok = vlm.tokenizer
@@ -118,8 +123,7 @@ def make_batch(vlm: VLM, cache: PromptCache, pixels: torch.Tensor, qas: list[QA]
         answers = [[bos] + cache.answer(qa.question, qa.answer) + [eos] for qa in qas]
         dec = _pad(answers, pad)
         labels = _pad(answers, -100)
-        return {"input_ids": _pad(questions, pad), "attention_mask": _pad([[1] * len(q) for q in questions], 0),
-                "pixel_values": pixels, "decoder_input_ids": dec,
+        return {**token_inputs(questions, pad), "pixel_values": pixels, "decoder_input_ids": dec,
                 "decoder_attention_mask": (labels != -100).long(), "labels": labels}
     seqs, labels = [], []
     for qa in qas:
@@ -127,12 +131,9 @@ def make_batch(vlm: VLM, cache: PromptCache, pixels: torch.Tensor, qas: list[QA]
         answer = cache.answer(qa.question, qa.answer) + [eos]
         seqs.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
-    batch = {"input_ids": _pad(seqs, pad), "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-             "pixel_values": pixels, "labels": _pad(labels, -100)}
+    batch = {**token_inputs(seqs, pad), "pixel_values": pixels, "labels": _pad(labels, -100)}
     if vlm.family == "instructblip":
-        q = [cache.prompt(qa.question)["qformer_input_ids"] for qa in qas]
-        batch["qformer_input_ids"] = _pad(q, pad)
-        batch["qformer_attention_mask"] = _pad([[1] * len(r) for r in q], 0)
+        batch.update(token_inputs([cache.prompt(qa.question)["qformer_input_ids"] for qa in qas], pad, "qformer_"))
     return batch
 
 
