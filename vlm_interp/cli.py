@@ -212,7 +212,7 @@ def _trace(args: argparse.Namespace) -> int:
     if answer is None:  # trace the model's own first answer token, as ROME does
         top = int(torch.argmax(vlm.first_token_logits(ex)))
         answer = vlm.tokenizer.decode([top]).strip()
-    ex = vlm.prepare(image, args.question, answer=answer, region=region)
+    ex.answer, ex.answer_ids = answer, vlm.encode_answer(ex, answer)
     corrupt = from_spec(vlm, ex, args.corrupt)
     corrupt.meta["corruption"] = args.corrupt
     tokens = args.tokens if args.tokens in ("each", "all") else args.tokens.split(",")
