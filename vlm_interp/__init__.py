@@ -4,7 +4,7 @@ Trace where a VLM keeps and moves information about an object, intervene at infe
 and compare hallucination across models and interventions.
 """
 
-from . import corruptions, hooks, tracing
+from . import corruptions, hooks, interventions, tracing
 from .adapters import supported
 from .errors import VLMInterpError
 from .example import Example
@@ -16,6 +16,6 @@ from .sites import Site, parse_site
 __version__ = "0.1.0"
 
 __all__ = [
-    "corruptions", "tracing", "load", "wrap", "VLM", "Example", "AnswerScore", "Hook", "Hooks", "hooks", "Site", "parse_site",
+    "corruptions", "tracing", "interventions", "load", "wrap", "VLM", "Example", "AnswerScore", "Hook", "Hooks", "hooks", "Site", "parse_site",
     "supported", "VLMInterpError", "__version__",
 ]

@@ -2,7 +2,8 @@
 
 A :class:`Hook` names a module by its dotted path and says what to do with the module's
 primary tensor (its output, or its first input): edit it through a function, capture it,
-or both. :class:`Hooks` is the context manager that attaches a set of hooks, removes
+or both. A ``call`` hook only observes the arguments of each call (for example to learn the
+cache length during generation). :class:`Hooks` is the context manager that attaches a set of hooks, removes
 exactly the handles it created (transformers installs hooks of its own that must
 survive), and raises :class:`HookNeverFiredError` when a hook did not fire.
 
@@ -25,7 +26,8 @@ from transformers.utils import ModelOutput
 from .errors import HookNeverFiredError, ModuleNotFoundInModelError, UnsupportedOutputError
 
 EditFn = Callable[[torch.Tensor], "torch.Tensor | None"]
-HookKind = Literal["output", "input"]
+HookKind = Literal["output", "input", "call"]
+CallFn = Callable[[tuple, dict], None]
 
 __all__ = ["Hook", "Hooks", "capture", "edit", "resolve_module", "primary_tensor", "replace_primary"]
 
@@ -39,7 +41,8 @@ class Hook:
     (after ``fn``) is recorded once per call in ``captured``, detached and cloned unless
     ``grad=True``. ``channels`` restricts both to a slice of the last dimension (one
     attention head of an output projection's input). ``allow_unused=True`` opts out of the
-    never-fired check.
+    never-fired check. With ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call
+    and its return value is ignored: it observes, it never edits.
     """
 
     module: str
@@ -54,8 +57,10 @@ class Hook:
     captured: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("output", "input"):
-            raise ValueError(f"Hook kind must be 'output' or 'input', got {self.kind!r}")
+        if self.kind not in ("output", "input", "call"):
+            raise ValueError(f"Hook kind must be 'output', 'input' or 'call', got {self.kind!r}")
+        if self.kind == "call" and (self.fn is None or self.capture or self.channels is not None):
+            raise ValueError(f"call hook on {self.module!r} needs an observer fn and cannot capture or select channels")
         if self.fn is None and not self.capture:
             raise ValueError(f"Hook on {self.module!r} neither edits (fn) nor captures: it would do nothing")
 
@@ -177,6 +182,14 @@ def _input_hook(hook: Hook, where: str) -> Callable:
     return run
 
 
+def _call_hook(hook: Hook) -> Callable:
+    def run(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hook.calls += 1
+        hook.fn(args, kwargs)
+
+    return run
+
+
 class Hooks(contextlib.AbstractContextManager):
     """Attach ``hooks`` to ``model`` for the duration of a ``with`` block.
 
@@ -199,6 +212,8 @@ class Hooks(contextlib.AbstractContextManager):
                 where = f"module {hook.module!r} ({type(module).__name__})"
                 if hook.kind == "output":
                     handle = module.register_forward_hook(_output_hook(hook, where))
+                elif hook.kind == "call":
+                    handle = module.register_forward_pre_hook(_call_hook(hook), with_kwargs=True)
                 else:
                     handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True)
                 self._handles.append(handle)

@@ -114,6 +114,10 @@ class BoundAdapter:
         rel = spec.components[component][0]
         return f"{spec.layers}.{layer}" + (f".{rel}" if rel else "")
 
+    def hook_point(self, tower: str, component: str, layer: int) -> tuple[str, HookKind]:
+        """Module path and hook kind (output or input) of ``component`` at ``layer``."""
+        return self.module_path(tower, component, layer), self._tower(tower).components[component][1]
+
     def layers_with(self, tower: str, component: str) -> list[int]:
         """Layers of ``tower`` on which ``component`` exists (Q-Former cross-attention skips layers)."""
         out = []

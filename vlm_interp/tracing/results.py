@@ -15,29 +15,14 @@ from .metrics import recovery_rate
 
 
 @dataclass
-class Trace:
-    """Effects of restoring each cell, as ``data`` (dims such as component, layer, token or layer, head).
-
-    ``data.attrs`` holds the metric, the clean and corrupted scores, the model, the answer and
-    the corruption. ``rr()`` is the normalised recovery rate, ``indirect()`` the indirect effect
-    (patched minus corrupted), ``total_effect`` the clean minus corrupted score.
-    """
+class Labelled:
+    """A labelled array (xarray) with JSON-able metadata in ``attrs`` that saves and loads losslessly."""
 
     data: xr.DataArray
 
     @property
     def attrs(self) -> dict:
         return self.data.attrs
-
-    @property
-    def total_effect(self) -> float:
-        return float(self.attrs["clean_score"] - self.attrs["corrupt_score"])
-
-    def indirect(self) -> xr.DataArray:
-        return self.data - self.attrs["corrupt_score"]
-
-    def rr(self) -> xr.DataArray:
-        return recovery_rate(self.data, self.attrs["clean_score"], self.attrs["corrupt_score"])
 
     def sel(self, **kw) -> xr.DataArray:
         return self.data.sel(**kw)
@@ -51,7 +36,7 @@ class Trace:
                 "attrs": d.attrs, "name": d.name}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Trace":
+    def from_dict(cls, d: dict) -> "Labelled":
         coords = {k: (d["coord_dims"][k], v) for k, v in d["coords"].items()}
         return cls(xr.DataArray(np.array(d["values"], dtype=float), dims=d["dims"], coords=coords,
                                 attrs=d["attrs"], name=d.get("name")))
@@ -68,13 +53,33 @@ class Trace:
         return path
 
     @classmethod
-    def load(cls, path: "str | Path") -> "Trace":
+    def load(cls, path: "str | Path") -> "Labelled":
         path = Path(path)
         if path.suffix == ".nc":
             data = xr.load_dataarray(path, engine="netcdf4")
             data.attrs = json.loads(data.attrs["vlm_interp"])
             return cls(data)
         return cls.from_dict(json.loads(path.read_text()))
+
+
+@dataclass
+class Trace(Labelled):
+    """Effects of restoring each cell, as ``data`` (dims such as component, layer, token or layer, head).
+
+    ``data.attrs`` holds the metric, the clean and corrupted scores, the model, the answer and
+    the corruption. ``rr()`` is the normalised recovery rate, ``indirect()`` the indirect effect
+    (patched minus corrupted), ``total_effect`` the clean minus corrupted score.
+    """
+
+    @property
+    def total_effect(self) -> float:
+        return float(self.attrs["clean_score"] - self.attrs["corrupt_score"])
+
+    def indirect(self) -> xr.DataArray:
+        return self.data - self.attrs["corrupt_score"]
+
+    def rr(self) -> xr.DataArray:
+        return recovery_rate(self.data, self.attrs["clean_score"], self.attrs["corrupt_score"])
 
     @classmethod
     def mean(cls, traces: Sequence["Trace"], dim: str = "example") -> xr.Dataset:
