@@ -219,3 +219,23 @@ def test_transformers_own_hooks_survive_and_plain_forward_is_unchanged():
     with torch.no_grad():
         again = model(**inputs).logits
     torch.testing.assert_close(again, base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_edit_reaches_the_vision_layer_that_transformers_records(family):
+    """LLaVA reads image features from hidden states that transformers records through its own hooks,
+    installed at the first forward; an edit of that layer must be what gets recorded."""
+    import vlm_interp as vi
+
+    vlm = vi.wrap(*tiny(family, seed=0))
+    ex = vlm.prepare(torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), QUESTION)
+    with torch.no_grad():
+        base = vlm.logits(ex.inputs)  # the first forward installs transformers' hooks
+    read = vlm.model.config.vision_feature_layer
+    layer = read % vlm.adapter.n_layers["vision"] if read < 0 else read - 1  # hidden_states[0] is the embedding
+    order = []
+    with torch.no_grad(), vlm.hooks([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("first") or t + 5.0),
+                                     vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("second") or t)]):
+        edited = vlm.logits(ex.inputs)
+    assert order == ["first", "second"]
+    assert not torch.allclose(base, edited), f"the edit of vision layer {layer} never reached the LM"

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "zoo:shapes-llava"
+INTERVENTION_HELP = ("intervention during answering: heads:SCORES.nc,lambda=1 (V-SEAM head modulation), "
+                     "vhr:alpha=2[,layers=1-3], iri:PLAN.json, scale:lm.head.2.1=1.5+lm.head.3.0=0")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -125,8 +127,9 @@ def _pope(args: argparse.Namespace) -> int:
     folder = _questions_folder(args)
     items = read_pope_folder(folder, args.splits)
     vlm = vi.load(args.model)
-    frame = run_pope_sharded(vlm, items, folder / "images", Path(args.out), suffix=args.suffix,
-                             max_new_tokens=args.max_new_tokens)
+    with _intervention(args, vlm):
+        frame = run_pope_sharded(vlm, items, folder / "images", Path(args.out), suffix=args.suffix,
+                                 max_new_tokens=args.max_new_tokens)
     if process_rank()[0] == 0:
         table = pope_table(frame)
         atomic_write(Path(args.out) / "table.csv", table.to_csv(index=False))
@@ -146,8 +149,9 @@ def _chair(args: argparse.Namespace) -> int:
 
     folder = _questions_folder(args)
     vlm = vi.load(args.model)
-    scores, metrics = run_chair(vlm, folder / "captions.jsonl", folder / "images", vocab=args.vocab,
-                                prompt=args.prompt, limit=args.limit)
+    with _intervention(args, vlm):
+        scores, metrics = run_chair(vlm, folder / "captions.jsonl", folder / "images", vocab=args.vocab,
+                                    prompt=args.prompt, limit=args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "chair_captions.csv", scores.to_csv(index=False))
@@ -161,12 +165,81 @@ def _compare(args: argparse.Namespace) -> int:
 
     questions = None if args.questions in (None, "zoo") else args.questions
     result = compare(args.models, benchmark=args.benchmark, questions=questions, out=args.out, splits=args.splits,
-                     suffix=args.suffix, max_new_tokens=args.max_new_tokens)
+                     suffix=args.suffix, max_new_tokens=args.max_new_tokens,
+                     interventions=_named_interventions(args.intervention))
     print(markdown_table(result.table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi",
                                        "f1", "yes_ratio", "n"]]))
     if len(result.tests):
         print(markdown_table(result.tests, floatfmt=".4f"))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def _intervention(args: argparse.Namespace, vlm):
+    """The context of ``--intervention SPEC`` for one model (a no-op context without it)."""
+    import contextlib
+
+    from vlm_interp.interventions import from_spec
+
+    return from_spec(args.intervention)(vlm) if args.intervention else contextlib.nullcontext()
+
+
+def _named_interventions(specs: list[str] | None) -> dict:
+    """``NAME=SPEC`` or ``SPEC`` (named by itself) to {name: intervention}."""
+    from vlm_interp.interventions import from_spec
+    from vlm_interp.interventions.spec import KINDS
+
+    out = {}
+    for text in specs or []:
+        name, sep, spec = text.partition("=")
+        if not sep or name.split(":")[0] in KINDS:
+            name, spec = text, text
+        out[name] = from_spec(spec)
+    return out
+
+
+def _heads_score(args: argparse.Namespace) -> int:
+    import vlm_interp as vi
+    from vlm_interp.interventions import plot_head_scores, score_heads
+    from vlm_interp.zoo.calibration import calibration_examples
+
+    vlm = vi.load(args.model)
+    out = Path(args.out)
+    examples = calibration_examples(vlm, args.level, args.n, seed=args.seed)
+    scores = score_heads(vlm, examples, tower=args.tower, component=args.component, ablation=args.ablation,
+                         folder=out.with_suffix(".parts"), level=args.level)
+    scores.save(out)
+    plot_head_scores({args.level: scores}, out.with_suffix(".png"))
+    right = int(scores.data.coords["correct"].values.sum())
+    print(f"{scores.data.sizes['example']} {args.level} examples ({right} answered right), ablation {args.ablation}")
+    print(scores.top(args.top).to_string(index=False))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _iri_plan(args: argparse.Namespace) -> int:
+    import vlm_interp as vi
+    from vlm_interp.corruptions import noise
+    from vlm_interp.interventions import plan_from_recovery
+    from vlm_interp.tracing.dataset import trace_dataset
+    from vlm_interp.zoo.calibration import calibration_examples
+
+    vlm = vi.load(args.model)
+    out = Path(args.out)
+    examples = calibration_examples(vlm, "object", args.n, seed=args.seed, positive_only=True)
+    pairs = [(key, lambda ex=ex: (ex, noise(vlm, ex, scale=args.noise, tokens="image", seed=0)))
+             for key, ex in examples]
+    result = trace_dataset(vlm, pairs, out.with_suffix(".parts"), components=("lm.attn", "lm.mlp"),
+                           tokens=("last",))
+    summary = result.summary()
+    rr = summary["mean"].isel(position=0, drop=True)
+    plan = plan_from_recovery(rr, k=args.k, coefficients={"attn": args.attn, "mlp": args.mlp})
+    plan.notes.update({"model": vlm.name, "examples": len(result.traces), "skipped": len(result.skipped),
+                       "noise": args.noise, "recovery": {c: [float(v) for v in rr.sel(component=c).values]
+                                                          for c in rr.coords["component"].values}})
+    plan.save(out)
+    print(rr.to_pandas().round(3).to_string())
+    print(f"plan: {plan.targets} coefficients {plan.coefficients}; wrote {out}")
     return 0
 
 
@@ -282,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=_trace)
     pope = sub.add_parser("pope", help="POPE on one model; shard with `accelerate launch -m vlm_interp.cli pope ...`")
     pope.add_argument("--model", default=DEFAULT_MODEL)
+    pope.add_argument("--intervention", help=INTERVENTION_HELP)
     _add_benchmark_args(pope, "vlm-interp-pope")
     pope.set_defaults(run=_pope)
     chair = sub.add_parser("chair", help="CHAIR on captions generated by one model")
@@ -289,13 +363,43 @@ def build_parser() -> argparse.ArgumentParser:
     chair.add_argument("--vocab", default="shapes", help="built-in vocabulary (shapes, coco) or a JSON file")
     chair.add_argument("--prompt", default="Describe the image.")
     chair.add_argument("--limit", type=int, help="caption only the first N images")
+    chair.add_argument("--intervention", help=INTERVENTION_HELP)
     _add_benchmark_args(chair, "vlm-interp-chair")
     chair.set_defaults(run=_chair)
     comp = sub.add_parser("compare", help="several models side by side on the same questions, with paired tests")
     comp.add_argument("--models", nargs="+", required=True)
     comp.add_argument("--benchmark", default="pope", choices=["pope"])
+    comp.add_argument("--intervention", action="append", help="[NAME=]SPEC, repeatable; every model is also run "
+                      "without intervention. " + INTERVENTION_HELP)
     _add_benchmark_args(comp, "vlm-interp-compare")
     comp.set_defaults(run=_compare)
+    heads = sub.add_parser("heads", help="attention-head scores for interventions")
+    heads_sub = heads.add_subparsers(dest="heads_command", required=True)
+    hs = heads_sub.add_parser("score", help="ablate each head on calibration questions and score it (V-SEAM)")
+    hs.add_argument("--model", default=DEFAULT_MODEL)
+    hs.add_argument("--level", default="object", choices=["object", "attribute", "relation"],
+                    help="shapes-world calibration questions: existence, colour or relation")
+    hs.add_argument("--n", type=int, default=100, help="calibration questions")
+    hs.add_argument("--seed", type=int, default=20_011, help="calibration seed (disjoint from training and evaluation)")
+    hs.add_argument("--tower", default="lm")
+    hs.add_argument("--component", default="head", choices=["head", "xattn_head"])
+    hs.add_argument("--ablation", default="mean", choices=["mean", "zero", "dataset_mean"])
+    hs.add_argument("--top", type=int, default=8, help="heads to print")
+    hs.add_argument("--out", default="head-scores.nc", help=".nc or .json; per-example parts go next to it")
+    hs.set_defaults(run=_heads_score)
+    iri = sub.add_parser("iri", help="intermediate representation injection plans")
+    iri_sub = iri.add_subparsers(dest="iri_command", required=True)
+    ip = iri_sub.add_parser("plan", help="trace calibration questions (noise on the image) and plan IRI from the "
+                            "layers whose last-token attention/MLP recover most")
+    ip.add_argument("--model", default=DEFAULT_MODEL)
+    ip.add_argument("--n", type=int, default=60, help="calibration questions (positives; wrong answers skipped)")
+    ip.add_argument("--seed", type=int, default=20_011)
+    ip.add_argument("--noise", default="3sd")
+    ip.add_argument("--k", type=int, default=2, help="source layers per component")
+    ip.add_argument("--attn", type=float, default=0.5, help="coefficient of attention injection")
+    ip.add_argument("--mlp", type=float, default=0.5, help="coefficient of MLP injection")
+    ip.add_argument("--out", default="iri-plan.json")
+    ip.set_defaults(run=_iri_plan)
     fams = sub.add_parser("families", help="list the supported model classes")
     fams.set_defaults(run=_families)
     return parser

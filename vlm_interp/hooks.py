@@ -208,14 +208,18 @@ class Hooks(contextlib.AbstractContextManager):
             raise RuntimeError("this Hooks context is already active; create a new one")
         modules = [resolve_module(self.model, h.module) for h in self.hooks]  # resolve all before attaching any
         try:
-            for hook, module in zip(self.hooks, modules):
+            # Prepended, so they run before hooks the module already has (transformers records hidden
+            # states through its own hooks; an edit must be what it records). Registering in reverse
+            # keeps this context's hooks in their given order on a shared module.
+            for hook, module in reversed(list(zip(self.hooks, modules))):
                 where = f"module {hook.module!r} ({type(module).__name__})"
                 if hook.kind == "output":
-                    handle = module.register_forward_hook(_output_hook(hook, where))
+                    handle = module.register_forward_hook(_output_hook(hook, where), prepend=True)
                 elif hook.kind == "call":
-                    handle = module.register_forward_pre_hook(_call_hook(hook), with_kwargs=True)
+                    handle = module.register_forward_pre_hook(_call_hook(hook), with_kwargs=True, prepend=True)
                 else:
-                    handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True)
+                    handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True,
+                                                              prepend=True)
                 self._handles.append(handle)
         except BaseException:
             self._remove()

@@ -62,8 +62,8 @@ class HeadScores(Labelled):
         grid = getattr(self, kind)()
         frame = grid.to_dataframe(name="score").reset_index()[["layer", "head", "score"]]
         tower, component = self.attrs["tower"], self.attrs["component"]
-        frame["site"] = [Site(tower, component, int(l), int(h)).name for l, h in zip(frame.layer, frame.head)]
-        return frame.reindex(frame.score.abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
+        frame["site"] = [Site(tower, component, int(l), int(h)).name for l, h in zip(frame["layer"], frame["head"])]
+        return frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
 
 
 def _rows_hooks(vlm, tower: str, component: str, heads: list[Site], ablation: Ablation,
