@@ -34,6 +34,10 @@ class Tower:
     heads: str  # dotted config attribute holding the number of query heads
     kv_heads: str | None = None  # dotted config attribute for key/value heads (grouped-query attention)
     description: str = ""
+    # Modules that turn the last layer's output into logits, in order, as paths from the model root
+    # (final norm, LM head). A trailing "?" marks a module a config may leave out (OPT's project_out).
+    # Only answer-producing decoder towers have it; the fast tracing path runs layers then these.
+    tail: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,12 @@ class BoundAdapter:
                 self.n_kv_heads[name] = int(kv) if kv is not None else self.n_heads[name]
             except AttributeError as err:
                 problems.append(f"{name}: head count not in config ({err})")
+            for path in tower.tail:
+                if not path.endswith("?"):
+                    try:
+                        resolve_module(self.model, path)
+                    except ModuleNotFoundInModelError as err:
+                        problems.append(f"{name}.tail: {err}")
             for component in tower.components:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
@@ -145,6 +155,20 @@ class BoundAdapter:
         if component in HEAD_COMPONENTS:
             return [Site(tower, component, l, h) for l in layers for h in range(self.n_heads[tower])]
         return [Site(tower, component, l) for l in layers]
+
+    def tail_modules(self, tower: str) -> list[nn.Module]:
+        """The modules after ``tower``'s last layer that produce logits, in order (optional ones if present)."""
+        out = []
+        for path in self._tower(tower).tail:
+            optional = path.endswith("?")
+            try:
+                module = self.model.get_submodule(path.rstrip("?"))
+            except AttributeError:
+                if optional:
+                    continue
+                raise SiteError(f"tail module {path!r} of the {tower} tower is missing") from None
+            out.append(module)
+        return out
 
     # ---- sites -----------------------------------------------------------------------
     def resolve(self, site: "str | Site") -> Site:

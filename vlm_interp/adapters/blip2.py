@@ -20,7 +20,7 @@ def _towers(config) -> dict[str, Tower]:
                         description="ViT"),
         "qformer": Tower("qformer.encoder.layer", QFORMER_LAYER, "qformer_config.num_attention_heads",
                          description="Q-Former (queries first, then instruction text for InstructBLIP)"),
-        "lm": lm_tower(config, "language_model.model"),
+        "lm": lm_tower(config, "language_model.model", "language_model.lm_head"),
     }
 
 

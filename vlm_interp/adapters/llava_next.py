@@ -35,7 +35,7 @@ def build(config) -> Adapter:
     return Adapter(
         family="llava_next",
         model_classes=MODEL_CLASSES,
-        towers={"vision": clip_vision_tower(), "lm": lm_tower(config, "model.language_model")},
+        towers={"vision": clip_vision_tower(), "lm": lm_tower(config, "model.language_model", "lm_head")},
         decoder="causal",
         default_template="USER: <image>\n{question} ASSISTANT:",
         image_in_lm=True,

@@ -18,11 +18,14 @@ OPT_LAYER: dict[str, Slot] = {
     "mlp": ("fc2", "output"),
     "head": ("self_attn.out_proj", "input"),
 }
-LM_LAYERS = {  # model_type -> (layers path below the LM's base model, layer table)
-    "llama": ("layers", LLAMA_LAYER),
-    "mistral": ("layers", LLAMA_LAYER),
-    "qwen2": ("layers", LLAMA_LAYER),
-    "opt": ("decoder.layers", OPT_LAYER),
+LLAMA_TAIL = ("norm",)
+OPT_TAIL = ("decoder.final_layer_norm?", "decoder.project_out?")
+# model_type -> (layers path below the LM's base model, layer table, modules after the last layer below it)
+LM_LAYERS = {
+    "llama": ("layers", LLAMA_LAYER, LLAMA_TAIL),
+    "mistral": ("layers", LLAMA_LAYER, LLAMA_TAIL),
+    "qwen2": ("layers", LLAMA_LAYER, LLAMA_TAIL),
+    "opt": ("decoder.layers", OPT_LAYER, OPT_TAIL),
 }
 
 # Vision encoders.
@@ -53,8 +56,12 @@ BERT_XATTN_LAYER: dict[str, Slot] = {
 QFORMER_LAYER: dict[str, Slot] = {**BERT_XATTN_LAYER, "mlp": ("output_query.dense", "output")}
 
 
-def lm_tower(config, base_path: str, heads_prefix: str = "text_config") -> Tower:
-    """The ``lm`` tower for a decoder LM whose base model (with ``layers``) sits at ``base_path``."""
+def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_config") -> Tower:
+    """The ``lm`` tower for a decoder LM whose base model (with ``layers``) sits at ``base_path``.
+
+    ``lm_head`` is the path of the output projection to the vocabulary; with the base model's
+    final norm it forms the tower's ``tail``.
+    """
     text = getattr(config, heads_prefix)
     kind = getattr(text, "model_type", None)
     if kind not in LM_LAYERS:
@@ -62,7 +69,7 @@ def lm_tower(config, base_path: str, heads_prefix: str = "text_config") -> Tower
             f"language model type {kind!r} has no layer table; supported: {sorted(LM_LAYERS)}. "
             "Add its layout to LM_LAYERS in vlm_interp/adapters/tables.py."
         )
-    layers, table = LM_LAYERS[kind]
+    layers, table, tail = LM_LAYERS[kind]
     kv = f"{heads_prefix}.num_key_value_heads" if hasattr(text, "num_key_value_heads") else None
     return Tower(
         layers=f"{base_path}.{layers}",
@@ -70,4 +77,5 @@ def lm_tower(config, base_path: str, heads_prefix: str = "text_config") -> Tower
         heads=f"{heads_prefix}.num_attention_heads",
         kv_heads=kv,
         description=f"{kind} decoder",
+        tail=tuple(f"{base_path}.{t}" for t in tail) + (lm_head,),
     )

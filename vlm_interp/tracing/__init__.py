@@ -8,3 +8,12 @@ from .metrics import Metric, make_metric, recovery_rate
 from .results import Trace
 
 __all__ = ["trace", "trace_dataset", "DatasetTrace", "important_heads", "Cell", "capture", "run_cells", "Metric", "make_metric", "recovery_rate", "Trace"]
+
+from .baselines import patch_feature_ablation, pixel_integrated_gradients
+from .groundtruth import auroc, map_auroc, patch_neighbourhoods
+
+__all__ += ["pixel_integrated_gradients", "patch_feature_ablation", "auroc", "map_auroc", "patch_neighbourhoods"]
+
+from .attribution import agreement, agreement_cells, attribution_patching, integrated_patching
+
+__all__ += ["attribution_patching", "integrated_patching", "agreement", "agreement_cells"]

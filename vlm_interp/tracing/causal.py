@@ -49,7 +49,7 @@ def _window(layer: int, window: int, n_layers: Sequence[int]) -> list[int]:
 
 def trace(vlm, clean: Example, corrupt: Example, components: Sequence[str] = ("lm.hidden", "lm.attn", "lm.mlp"),
           tokens="each", window: int = 1, metric: str = "prob", answer: str | None = None, other: str | None = None,
-          direction: str = "restore", batch_size: int = 32, progress: bool = True) -> Trace:
+          direction: str = "restore", batch_size: "int | str" = "auto", progress: bool = True) -> Trace:
     """Effect on the answer of restoring each component at each layer and position.
 
     ``components`` are ``tower.component`` names (``lm.hidden``, ``vision.mlp``,
@@ -57,7 +57,8 @@ def trace(vlm, clean: Example, corrupt: Example, components: Sequence[str] = ("l
     (every position), ``"all"``, a list of token-group names, or ``{label: positions}``.
     ``direction="restore"`` patches clean activations into the corrupted run (ROME);
     ``"noise"`` patches corrupted activations into the clean run. Head components give a
-    (layer, head, position) grid.
+    (layer, head, position) grid. ``batch_size`` is the number of cells per forward or
+    ``"auto"`` (from the free memory; see :func:`~vlm_interp.tracing.engine.run_cells`).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")

@@ -6,12 +6,17 @@ the source values of that row's cell (a site, or a window of sites, at some posi
 Every write goes through :mod:`vlm_interp.hooks`, so hooks are removed on exit and a site
 that never ran is an error. Corruptions that live inside the model (noise on embeddings)
 are applied to every row by :func:`vlm_interp.corruptions.applied`.
+
+Cells in the LM of a causal-decoder family skip what their patch cannot change: the base
+run is recorded once at the entry of every LM layer, and each batch restarts there, at its
+cells' layer and earliest position (:mod:`vlm_interp.tracing.fast`); other cells run
+whole-model forwards. ``batch_size="auto"`` sizes batches from the free memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +26,7 @@ from ..errors import SiteError
 from ..example import Example
 from ..hooks import Hook
 from ..sites import Site
+from . import fast
 from .metrics import Metric
 
 
@@ -45,48 +51,251 @@ def capture(vlm, example: Example, sites: Iterable[Site]) -> dict[Site, torch.Te
     return {site: hook.value for site, hook in hooks.items()}
 
 
-def _writer(site: Site, rows: list[tuple[int, tuple[int, ...]]], value: torch.Tensor, batch: int):
-    """An edit function writing ``value`` at each row's positions (rows may span several sub-rows)."""
+def _writer(site: Site, rows: list[tuple[int, tuple[int, ...]]], value: torch.Tensor, batch: int,
+            offset: int | None = None):
+    """An edit function writing ``value`` at each row's positions (rows may span several sub-rows).
+
+    The patched tensor holds the whole sequence, or (runs that start inside the LM, see
+    :mod:`.fast`) the positions from ``offset`` on, sometimes only a span of them.
+    """
     def write(t: torch.Tensor) -> torch.Tensor:
         sub, rest = divmod(t.shape[0], batch)
         if rest or value.shape[0] != sub:
             raise SiteError(f"{site}: the patched tensor has {t.shape[0]} rows for a batch of {batch}, and the "
                             f"source has {value.shape[0]}; source and base runs must have the same layout")
-        top = max(p for _, pos in rows for p in pos)
-        if top >= t.shape[1] or t.shape[1] != value.shape[1]:
-            raise SiteError(f"{site}: position {top} or source length {value.shape[1]} does not fit the "
-                            f"sequence of length {t.shape[1]} there")
+        top, low = max(p for _, pos in rows for p in pos), min(p for _, pos in rows for p in pos)
+        first = offset or 0
+        end = t.shape[1] + first
+        if top >= end or low < first or (end > value.shape[1] if offset is not None else end != value.shape[1]):
+            raise SiteError(f"{site}: positions {low}..{top} or source length {value.shape[1]} do not fit the "
+                            f"positions {first}..{end - 1} computed there")
         t = t.clone()
         for r, pos in rows:
             idx = list(pos)
-            t[r * sub:(r + 1) * sub, idx] = value[:, idx].to(t.dtype)
+            t[r * sub:(r + 1) * sub, [p - first for p in idx]] = value[:, idx].to(t.dtype)
         return t
 
     return write
 
 
-def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Sequence[Cell], metric: Metric,
-              batch_size: int = 32, progress: bool = True, desc: str = "patching") -> torch.Tensor:
-    """``metric`` of the base run with each cell's sites restored from ``source``; shape (len(cells),)."""
-    out = torch.empty(len(cells))
-    answer_at = vlm.answer_start(base)
+def _patch_hooks(vlm, chunk: Sequence[Cell], source: dict[Site, torch.Tensor],
+                 offset: int | None = None) -> list[Hook]:
+    """One hook per site of ``chunk``, writing each row's cell (row r restores ``chunk[r]``)."""
+    rows_by_site: dict[Site, list[tuple[int, tuple[int, ...]]]] = {}
+    for r, cell in enumerate(chunk):
+        for site in cell.sites:
+            rows_by_site.setdefault(site, []).append((r, cell.positions))
+    return [vlm.hook(site, _writer(site, rows, source[site], len(chunk), offset))
+            for site, rows in rows_by_site.items()]
+
+
+def _check_cells(cells: Sequence[Cell], source: dict[Site, torch.Tensor]) -> None:
+    """Every cell restores some position, at sites whose source activations were captured."""
     missing = {s for c in cells for s in c.sites} - set(source)
     if missing:
         raise SiteError(f"no source activations for sites {sorted(s.name for s in missing)}")
-    starts = range(0, len(cells), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
-        chunk = cells[start:start + batch_size]
-        rows_by_site: dict[Site, list[tuple[int, tuple[int, ...]]]] = {}
-        for r, cell in enumerate(chunk):
-            if not cell.positions:
-                raise SiteError(f"cell at {[s.name for s in cell.sites]} restores no position")
-            for site in cell.sites:
-                rows_by_site.setdefault(site, []).append((r, cell.positions))
-        hooks: list[Hook] = [vlm.hook(site, _writer(site, rows, source[site], len(chunk)))
-                             for site, rows in rows_by_site.items()]
-        with torch.no_grad(), applied(vlm, base), vlm.hooks(hooks):
+    for cell in cells:
+        if not cell.positions:
+            raise SiteError(f"cell at {[s.name for s in cell.sites]} restores no position")
+
+
+# ---- batch size -------------------------------------------------------------------------
+BatchSize = int | Literal["auto"]
+MAX_AUTO_BATCH = 64  # beyond this, bigger batches stop paying on CPU and only cost memory
+MEMORY_FRACTION = 0.25  # share of the free memory a sweep may fill with activations
+FALLBACK_BATCH = 32  # when the free memory cannot be read
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for activations on ``device``: CUDA's free memory, else the system's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _tower_shapes(vlm, base: Example) -> dict[str, tuple[int, int]]:
+    """(positions, width) of every tower's layer-0 output in one run of ``base``, and the vocabulary."""
+    shapes: dict[str, tuple[int, int]] = {}
+
+    def recorder(tower: str):
+        def record(t: torch.Tensor) -> None:
+            shapes.setdefault(tower, (t.shape[-2], t.shape[-1]))
+        return record
+
+    hooks = [vlm.hook(Site(t, "hidden", 0), recorder(t), allow_unused=True) for t in vlm.adapter.towers()]
+    with torch.no_grad(), applied(vlm, base), vlm.hooks(hooks):
+        logits = vlm.logits(base.inputs)
+    shapes["vocab"] = (logits.shape[1], logits.shape[-1])
+    return shapes
+
+
+def row_bytes(vlm, base: Example, start: fast.LMStart | None = None) -> int:
+    """Estimated activation bytes of one batch row: a whole-model run, or a run starting inside the LM."""
+    itemsize = next(vlm.model.parameters()).element_size()
+    if start is not None:
+        n_layers, heads = len(start.layers), vlm.adapter.n_heads[fast.TOWER]
+        vocab = start.tail[-1].weight.shape[0] if hasattr(start.tail[-1], "weight") else 0
+        return itemsize * (start.seq_len * start.width * (3 * n_layers + 8) + heads * start.seq_len ** 2 + vocab)
+    shapes = _tower_shapes(vlm, base)
+    total, attention = 0, 0
+    for tower, (seq, width) in shapes.items():
+        if tower == "vocab":
+            total += seq * width  # full logits
+            continue
+        total += seq * width * (3 * vlm.adapter.n_layers[tower] + 8)
+        attention = max(attention, vlm.adapter.n_heads[tower] * seq ** 2)
+    return itemsize * (total + attention)
+
+
+def auto_batch_size(vlm, base: Example, n_cells: int, start: fast.LMStart | None = None) -> int:
+    """Rows per batch from the free memory: ``MEMORY_FRACTION`` of it over :func:`row_bytes`, in 1..64."""
+    free = available_memory(vlm.device)
+    if free is None:
+        return max(1, min(FALLBACK_BATCH, n_cells))
+    rows = int(MEMORY_FRACTION * free // max(1, row_bytes(vlm, base, start)))
+    return max(1, min(MAX_AUTO_BATCH, n_cells, rows))
+
+
+def _batch_size(vlm, base: Example, batch_size: BatchSize, n_cells: int, start: fast.LMStart | None = None) -> int:
+    """``batch_size`` checked, or resolved by :func:`auto_batch_size` when it is ``"auto"``."""
+    if batch_size == "auto":
+        return auto_batch_size(vlm, base, n_cells, start)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return batch_size
+
+
+# ---- running cells ----------------------------------------------------------------------
+def _run_whole(vlm, base: Example, source, cells: Sequence[Cell], metric: Metric, size: int, bar) -> torch.Tensor:
+    """The general path: whole-model forwards of the base input, ``size`` cells per batch."""
+    out = torch.empty(len(cells))
+    answer_at = vlm.answer_start(base)
+    for lo in range(0, len(cells), size):
+        chunk = cells[lo:lo + size]
+        with torch.no_grad(), applied(vlm, base), vlm.hooks(_patch_hooks(vlm, chunk, source)):
             logits = vlm.logits(repeat_inputs(base.inputs, len(chunk)))
-        out[start:start + len(chunk)] = metric(logits[:, answer_at])
+        out[lo:lo + len(chunk)] = metric(logits[:, answer_at])
+        bar.update(len(chunk))
+    return out
+
+
+CHUNK_SLACK = 0.15  # a fast-path batch may compute at most this share more than its cells need
+
+
+@dataclass(frozen=True, order=True)
+class _Entry:
+    """Where a cell's patched run can start: its earliest layer and position, and whether it patches one layer."""
+
+    layer: int
+    spread: bool  # sites on several layers (a window): the run starts at ``layer`` at every later position
+    first: int
+    last: int
+
+
+def _entry(cell: Cell) -> _Entry:
+    """The :class:`_Entry` of one cell."""
+    layers = {s.layer for s in cell.sites}
+    return _Entry(min(layers), len(layers) > 1, min(cell.positions), max(cell.positions))
+
+
+def _chunk_args(entries: Sequence[_Entry]) -> tuple[int, int, int | None]:
+    """(layer, position, span_end) for :meth:`fast.LMStart.logits` of a batch with these entries."""
+    layer, spread = entries[0].layer, entries[0].spread
+    return layer, min(e.first for e in entries), None if spread else max(e.last for e in entries)
+
+
+def _fast_chunks(start: fast.LMStart, entries: list[_Entry], size: int) -> list[list[int]]:
+    """Batches of cell indices, sorted by entry, of at most ``size`` rows and ``CHUNK_SLACK`` wasted work.
+
+    A batch starts at its earliest position, so a cell entering later costs more inside it
+    than alone; cutting batches where that waste would pass the slack keeps the work near
+    what the cells need, while batching cells with nearby entries. A batch has one entry layer.
+    """
+    chunks: list[list[int]] = []
+    need = 0
+    for i in sorted(range(len(entries)), key=lambda i: entries[i]):
+        e = entries[i]
+        alone = start.cost(1, *_chunk_args([e]))
+        head = entries[chunks[-1][0]] if chunks else None
+        if head is not None and len(chunks[-1]) < size and (head.layer, head.spread) == (e.layer, e.spread):
+            grown = [entries[k] for k in chunks[-1]] + [e]
+            if start.cost(len(grown), *_chunk_args(grown)) <= (1 + CHUNK_SLACK) * (need + alone):
+                chunks[-1].append(i)
+                need += alone
+                continue
+        chunks.append([i])
+        need = alone
+    return chunks
+
+
+def _run_from_lm(vlm, start: fast.LMStart, source, cells: Sequence[Cell], metric: Metric, size: int,
+                 bar) -> torch.Tensor:
+    """The fast path: batches of cells run from their entry layer and position (see :mod:`.fast`)."""
+    out = torch.empty(len(cells))
+    entries = [_entry(c) for c in cells]
+    for cell, e in zip(cells, entries):
+        if e.last >= start.seq_len:
+            raise SiteError(f"cell at {[s.name for s in cell.sites]} restores position {e.last} of a "
+                            f"sequence of {start.seq_len}")
+    idle = [i for i, e in enumerate(entries) if start.without_effect(e.layer, cells[i].positions)]
+    if idle:
+        out[idle] = metric(start.reference[None]).expand(len(idle))
+        bar.update(len(idle))
+    busy = [i for i in range(len(cells)) if i not in set(idle)]
+    for chunk in _fast_chunks(start, [entries[i] for i in busy], size):
+        index = [busy[k] for k in chunk]
+        batch = [cells[i] for i in index]
+        layer, position, span_end = _chunk_args([entries[i] for i in index])
+        with torch.no_grad(), vlm.hooks(_patch_hooks(vlm, batch, source, start.start_position(position))):
+            logits = start.logits(len(batch), layer, position, span_end)
+        out[index] = metric(logits)
+        bar.update(len(batch))
+    return out
+
+
+def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Sequence[Cell], metric: Metric,
+              batch_size: BatchSize = "auto", progress: bool = True, desc: str = "patching",
+              fast_path: bool = True) -> torch.Tensor:
+    """``metric`` of the base run with each cell's sites restored from ``source``; shape (len(cells),).
+
+    Cells whose sites are all in the LM of a causal-decoder family start at their earliest
+    layer and position from the base run's recorded state (:mod:`vlm_interp.tracing.fast`),
+    so the vision tower and the unchanged prefix run once; other cells, or all of them when
+    that does not apply (or ``fast_path=False``), run whole-model forwards. Both give the
+    same results.
+
+    ``batch_size`` is the number of cells per forward, or ``"auto"``: a quarter of the free
+    memory (CUDA free memory, else available RAM) divided by the estimated bytes of one
+    row (:func:`row_bytes`: positions x width x (3 x layers + 8) per tower run, one head's
+    attention scores per head, the logits), clipped to 1..64 and to the number of cells.
+    """
+    _check_cells(cells, source)
+    lm_cells = [i for i, c in enumerate(cells) if all(s.tower == fast.TOWER for s in c.sites)] if fast_path else []
+    start = fast.lm_start(vlm, base)[0] if lm_cells else None
+    quick = set(lm_cells) if start is not None else set()
+    rest = [i for i in range(len(cells)) if i not in quick]
+    out = torch.empty(len(cells))
+    with tqdm(total=len(cells), desc=desc, disable=not progress, leave=False) as bar:
+        if rest:
+            size = _batch_size(vlm, base, batch_size, len(rest))
+            out[rest] = _run_whole(vlm, base, source, [cells[i] for i in rest], metric, size, bar)
+        if quick:
+            size = _batch_size(vlm, base, batch_size, len(quick), start)
+            index = sorted(quick)
+            out[index] = _run_from_lm(vlm, start, source, [cells[i] for i in index], metric, size, bar)
     return out
 
 
