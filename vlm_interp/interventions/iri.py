@@ -141,8 +141,11 @@ def _injector(tracker: StepTracker, seen: dict[int, torch.Tensor], layer: int, i
         original = t[:, where]
         added = original + coefficient * sum(w * seen[s] for s, w in sources.items())
         norm, new_norm = original.norm(dim=-1, keepdim=True), added.norm(dim=-1, keepdim=True)
+        rescaled = added * (norm / new_norm.clamp_min(torch.finfo(t.dtype).tiny))
+        if where.start == 0:  # the whole call is new positions (each cached step): no copy needed
+            return rescaled
         out = t.clone()
-        out[:, where] = added * (norm / new_norm.clamp_min(torch.finfo(t.dtype).tiny))
+        out[:, where] = rescaled
         return out
 
     return run
