@@ -78,3 +78,41 @@ def test_trace_command_rejects_an_unknown_corruption(tmp_path):
     with pytest.raises(CorruptionError):
         main(["trace", "--model", "tiny:llava", "--image", "shapes:3", "--question", "Is there a circle in the image?",
               "--answer", "yes", "--corrupt", "blur", "--out", str(tmp_path)])
+
+
+def test_heads_score_then_pope_and_compare_with_interventions(tmp_path):
+    import pandas as pd
+
+    from vlm_interp.cli import main
+    from vlm_interp.interventions import HeadScores
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
+    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.shapes import World
+
+    scores = tmp_path / "scores.nc"
+    assert main(["heads", "score", "--model", "tiny:llava", "--n", "3", "--out", str(scores)]) == 0
+    loaded = HeadScores.load(scores)
+    assert loaded.data.sizes["example"] == 3 and (tmp_path / "scores.png").exists()
+    questions = tmp_path / "pope"
+    write_pope(World(ORGANISM_WORLD), questions, n_images=2, seed=3, per_image=1)
+    plain, modulated = tmp_path / "plain", tmp_path / "modulated"
+    for out, extra in ((plain, []), (modulated, ["--intervention", f"heads:{scores},lambda=2"])):
+        assert main(["pope", "--model", "tiny:llava", "--questions", str(questions), "--splits", "random",
+                     "--max-new-tokens", "2", "--out", str(out), *extra]) == 0
+    a = pd.read_json(plain / "results.jsonl", lines=True)
+    b = pd.read_json(modulated / "results.jsonl", lines=True)
+    assert list(a.question_id) == list(b.question_id) and not (a.p_yes == b.p_yes).all()
+    comp = tmp_path / "compare"
+    assert main(["compare", "--models", "tiny:llava", "--questions", str(questions), "--splits", "random",
+                 "--max-new-tokens", "2", "--out", str(comp), "--intervention", "vhr:alpha=2",
+                 "--intervention", "damp=scale:lm.head.0.0=0"]) == 0
+    table = pd.read_csv(comp / "table.csv")
+    assert set(table.intervention) == {"none", "vhr:alpha=2", "damp"}
+
+
+def test_unknown_intervention_is_a_clear_error(tmp_path):
+    from vlm_interp.cli import main
+    from vlm_interp.interventions import InterventionError
+
+    with pytest.raises(InterventionError, match="unknown intervention"):
+        main(["pope", "--model", "tiny:llava", "--intervention", "boost:x=1", "--images", "2", "--out", str(tmp_path)])
