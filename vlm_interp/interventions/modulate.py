@@ -22,7 +22,7 @@ from .steps import InterventionError
 Scales = Mapping["str | Site", float]
 
 
-def _head_groups(vlm, scales: Scales) -> dict[tuple[str, str], dict[int, float]]:
+def _head_groups(vlm, scales: Scales) -> dict[tuple[str, str, int], dict[int, float]]:
     """Scales grouped by (tower, component, layer) projection: {head: factor}."""
     groups: dict[tuple, dict[int, float]] = defaultdict(dict)
     for name, factor in scales.items():
@@ -36,8 +36,8 @@ def _head_groups(vlm, scales: Scales) -> dict[tuple[str, str], dict[int, float]]
     return groups
 
 
-def head_scale_hooks(vlm, scales: Scales, positions=None) -> list[Hook]:
-    """Hooks multiplying each named head by its factor; ``positions()`` may limit the positions touched."""
+def head_scale_hooks(vlm, scales: Scales) -> list[Hook]:
+    """Hooks multiplying each named head by its factor, one hook per output projection."""
     hooks = []
     for (tower, component, layer), factors in _head_groups(vlm, scales).items():
         site = Site(tower, component, layer, next(iter(factors)))
@@ -46,19 +46,13 @@ def head_scale_hooks(vlm, scales: Scales, positions=None) -> list[Hook]:
         for head, factor in factors.items():
             vector[head * d:(head + 1) * d] = factor
         path, kind = vlm.adapter.hook_point(tower, component, layer)
-        hooks.append(Hook(path, fn=_scaler(vector, positions), kind=kind, name=f"modulate {site}"))
+        hooks.append(Hook(path, fn=_scaler(vector), kind=kind, name=f"modulate {site}"))
     return hooks
 
 
-def _scaler(vector: torch.Tensor, positions):
+def _scaler(vector: torch.Tensor):
     def scale(t: torch.Tensor) -> torch.Tensor:
-        v = vector.to(t.device, t.dtype)
-        if positions is None:
-            return t * v
-        out = t.clone()
-        where = positions()
-        out[:, where] = t[:, where] * v
-        return out
+        return t * vector.to(t.device, t.dtype)
 
     return scale
 
