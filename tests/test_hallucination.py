@@ -160,3 +160,20 @@ def test_compare_two_models_writes_table_plot_and_tests(tmp_path, pope_folder):
                        & (result.table.source == "logits")].iloc[0]
     random = llava[llava.split == "random"]
     assert row["accuracy"] == pytest.approx((random.logit_answer == random.label).mean())
+
+
+def test_compare_with_an_intervention_resumes_without_rerunning(tmp_path, pope_folder):
+    from vlm_interp.interventions import modulate_heads
+
+    calls = []
+
+    def damp(vlm):
+        calls.append(vlm.name)
+        return modulate_heads(vlm, {"lm.head.0.0": 0.0})
+
+    first = compare(["tiny:llava"], questions=pope_folder, out=tmp_path, splits=["random"],
+                    interventions={"damp": damp}, n_boot=20, progress=False)
+    again = compare(["tiny:llava"], questions=pope_folder, out=tmp_path, splits=["random"],
+                    interventions={"damp": damp}, n_boot=20, progress=False)
+    assert calls == ["tiny:llava"]  # the finished system was not run (nor its intervention attached) again
+    pd.testing.assert_frame_equal(first.table, again.table)

@@ -14,7 +14,7 @@ import pandas as pd
 from ..files import atomic_write
 from ..model import VLM
 from .metrics import mcnemar
-from .pope import SPLITS, PopeItem, pope_table, read_pope, run_pope_sharded
+from .pope import SPLITS, PopeItem, pope_table, process_rank, read_pope, run_pope_sharded, unanswered
 
 Intervention = Callable[[VLM], ContextManager]
 
@@ -131,8 +131,11 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
         vlm = load(model) if isinstance(model, str) else model
         for name, make in variants.items():
             system = vlm.name if name == "none" else f"{vlm.name} + {name}"
-            context = make(vlm) if make is not None else contextlib.nullcontext()
-            with context:
+            # a finished (resumed) system runs no forward, so its intervention must not be attached
+            # (it would rightly complain that it never fired)
+            rank, world, _ = process_rank()
+            needed = make is not None and unanswered(items, out / slug(system), rank, world) > 0
+            with make(vlm) if needed else contextlib.nullcontext():
                 frame = run_pope_sharded(vlm, items, folder / "images", out / slug(system), suffix=suffix,
                                          max_new_tokens=max_new_tokens, progress=progress)
             results[system] = frame

@@ -185,6 +185,15 @@ def process_rank() -> tuple[int, int, object | None]:
     return state.process_index, state.num_processes, state
 
 
+def unanswered(items: Sequence[PopeItem], folder: "str | Path", rank: int = 0, world_size: int = 1) -> int:
+    """How many of this rank's share of ``items`` have no answer yet in the per-rank files of ``folder``."""
+    done: dict = {}
+    for part in sorted((Path(folder) / "parts").glob("rank*.jsonl")):
+        done.update(_done(part))
+    return sum((item.split, item.question_id) not in done
+               for k, item in enumerate(items) if k % world_size == rank)
+
+
 def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", folder: "str | Path",
                      suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, progress: bool = True) -> pd.DataFrame:
     """Answer all ``items`` across the processes of an ``accelerate launch`` (or alone), then merge.
