@@ -239,3 +239,9 @@ def test_edit_reaches_the_vision_layer_that_transformers_records(family):
         edited = vlm.logits(ex.inputs)
     assert order == ["first", "second"]
     assert not torch.allclose(base, edited), f"the edit of vision layer {layer} never reached the LM"
+    order.clear()  # nested contexts: the outer (earlier) context's hook still runs first
+    with torch.no_grad(), vlm.hooks([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("outer") or t + 5.0)]):
+        with vlm.hooks([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("inner") or t)]):
+            nested = vlm.logits(ex.inputs)
+    assert order == ["outer", "inner"]
+    torch.testing.assert_close(nested, edited, rtol=0, atol=0)

@@ -182,6 +182,25 @@ def _input_hook(hook: Hook, where: str) -> Callable:
     return run
 
 
+_OURS: set[int] = set()  # ids of the torch hook handles vlm-interp has attached and not yet removed
+
+
+def _ours_first(module: nn.Module) -> None:
+    """Order ``module``'s hooks so that ours run first, in the order attached, before any others.
+
+    transformers records hidden states through forward hooks of its own (installed at a model's
+    first forward); an edit must run before them so that what they record is the edited value.
+    torch keeps hooks in ordered dicts keyed by handle id, which this reorders in place.
+    """
+    for table in (module._forward_hooks, module._forward_pre_hooks):
+        mine = [(k, v) for k, v in table.items() if k in _OURS]
+        if not mine:
+            continue
+        others = [(k, v) for k, v in table.items() if k not in _OURS]
+        table.clear()
+        table.update(mine + others)
+
+
 def _call_hook(hook: Hook) -> Callable:
     def run(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hook.calls += 1
@@ -208,19 +227,17 @@ class Hooks(contextlib.AbstractContextManager):
             raise RuntimeError("this Hooks context is already active; create a new one")
         modules = [resolve_module(self.model, h.module) for h in self.hooks]  # resolve all before attaching any
         try:
-            # Prepended, so they run before hooks the module already has (transformers records hidden
-            # states through its own hooks; an edit must be what it records). Registering in reverse
-            # keeps this context's hooks in their given order on a shared module.
-            for hook, module in reversed(list(zip(self.hooks, modules))):
+            for hook, module in zip(self.hooks, modules):
                 where = f"module {hook.module!r} ({type(module).__name__})"
                 if hook.kind == "output":
-                    handle = module.register_forward_hook(_output_hook(hook, where), prepend=True)
+                    handle = module.register_forward_hook(_output_hook(hook, where))
                 elif hook.kind == "call":
-                    handle = module.register_forward_pre_hook(_call_hook(hook), with_kwargs=True, prepend=True)
+                    handle = module.register_forward_pre_hook(_call_hook(hook), with_kwargs=True)
                 else:
-                    handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True,
-                                                              prepend=True)
+                    handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True)
                 self._handles.append(handle)
+                _OURS.add(handle.id)
+                _ours_first(module)
         except BaseException:
             self._remove()
             raise
@@ -229,6 +246,7 @@ class Hooks(contextlib.AbstractContextManager):
     def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+            _OURS.discard(handle.id)
         self._handles.clear()
 
     def __exit__(self, exc_type, exc, tb) -> None:
