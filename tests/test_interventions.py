@@ -353,3 +353,10 @@ def test_specs(llava, ex, image, tmp_path):
                          (f"heads:{path},kind=odd", "kind must be")]:
         with pytest.raises(InterventionError, match=message):
             from_spec(bad)
+
+
+def test_iri_plan_sources_leave_room_for_a_target():
+    rr = xr.DataArray([[0.1, 0.2, 0.3, 0.9]], dims=("component", "layer"),
+                      coords={"component": ["attn"], "layer": [0, 1, 2, 3]})
+    plan = plan_from_recovery(rr, k=1, coefficients={"attn": 1.0})
+    assert plan.targets == {"attn": {3: {2: 1.0}}}  # layer 3 recovers most but nothing comes after it

@@ -83,9 +83,9 @@ def plan_from_recovery(rr: xr.DataArray, k: int = 2, coefficients: dict[str, flo
                        targets: Sequence[int] | None = None) -> InjectionPlan:
     """An IRI plan from mean recovery rates at the last token, dims (component, layer).
 
-    Per component, the sources are the ``k`` layers with the highest positive RR, weighted by
-    their RR normalised to sum to 1; the targets are ``targets`` or every layer after the last
-    source. Components without a positive RR are left out.
+    Per component, the sources are the ``k`` layers with the highest positive RR among those that
+    have a later layer to inject into, weighted by their RR normalised to sum to 1; the targets are
+    ``targets`` or every layer after the last source. Components without a positive RR are left out.
     """
     if set(rr.dims) != {"component", "layer"}:
         raise InterventionError(f"plan_from_recovery wants recovery rates with dims (component, layer), got {rr.dims}")
@@ -97,7 +97,8 @@ def plan_from_recovery(rr: xr.DataArray, k: int = 2, coefficients: dict[str, flo
             continue
         values = rr.sel(component=component)
         layers = [int(l) for l in values.coords["layer"].values]
-        order = [layers[i] for i in np.argsort(-np.nan_to_num(values.values, nan=-np.inf))]
+        last_target = max(targets) if targets is not None else max(layers)
+        order = [layers[i] for i in np.argsort(-np.nan_to_num(values.values, nan=-np.inf)) if layers[i] < last_target]
         sources = [l for l in order[:k] if float(values.sel(layer=l)) > 0]
         if not sources:
             continue
