@@ -94,6 +94,27 @@ def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
         score_heads(vlm, examples, tower=tower, component=component, folder=work / "heads-adversarial.parts",
                     level="adversarial POPE").save(path)
     fitted["heads"] = HeadScores.load(path)
+    # the same scores restricted to the questions about absent objects (label "no"): the heads whose
+    # ablation raises p(no) there carry the prior that makes the model hallucinate
+    absent_path = work / "heads-adversarial-absent.nc"
+    if not absent_path.exists():
+        folder = work / "scoring-pope"
+        labels = {f"adv-{i.question_id}": i.label for i in read_pope_folder(folder, ["adversarial"])}
+        data = fitted["heads"].data
+        keep = [k for k, key in enumerate(data.coords["example"].values) if labels[str(key)] == "no"]
+        HeadScores(data.isel(example=keep)).save(absent_path)
+    fitted["heads-absent"] = HeadScores.load(absent_path)
+    # zero-ablation scores on those questions: scaling a head by 0 is exactly that ablation, so damping the
+    # heads whose removal raises p(no) moves each toward a measured effect (scales stay in [0, 1])
+    zero_path = work / "heads-absent-zero.nc"
+    if not zero_path.exists():
+        folder = work / "scoring-pope"
+        items = [i for i in read_pope_folder(folder, ["adversarial"]) if i.label == "no"][:n_scores]
+        examples = [(f"adv-{i.question_id}", vlm.prepare(Image.open(folder / "images" / i.image).convert("RGB"),
+                                                          i.text, answer=i.label)) for i in items]
+        score_heads(vlm, examples, tower=tower, component=component, ablation="zero",
+                    folder=work / "heads-absent-zero.parts", level="absent objects, zero ablation").save(zero_path)
+    fitted["heads-damp"] = HeadScores.load(zero_path)
     if len(scores) > 1:
         fitted["levels"] = compare_levels(scores, k=5)
         plot_head_scores(scores, ROOT / "results" / f"interventions-{name}-head-scores.png")
@@ -107,6 +128,14 @@ def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
     return fitted
 
 
+def damp_scales(scores: HeadScores, lam: float) -> dict[str, float]:
+    """Only damp: scale = clip(1 + lam * min(score, 0) / max|score|, 0, 1) for every head."""
+    grid = scores.signed().clip(max=0)
+    return {site: min(1.0, scale) for site, scale in v_seam_scales(
+        grid, lam, tower=scores.attrs["tower"], component=scores.attrs["component"]).items()} \
+        if float(abs(grid).max()) > 0 else {}
+
+
 def candidates(vlm, fitted: dict) -> dict[str, dict[float, object]]:
     """For each intervention kind, {strength: context factory}."""
     out = {"heads": {}}
@@ -115,6 +144,13 @@ def candidates(vlm, fitted: dict) -> dict[str, dict[float, object]]:
     for lam in GRIDS["heads"]:
         scales = v_seam_scales(signed, lam, tower=tower, component=component)
         out["heads"][lam] = lambda s=scales: modulate_heads(vlm, s)
+    out["heads-damp"] = {}
+    for lam in GRIDS["heads"]:
+        out["heads-damp"][lam] = lambda s=damp_scales(fitted["heads-damp"], lam): modulate_heads(vlm, s)
+    out["heads-absent"] = {}
+    for lam in GRIDS["heads"]:
+        scales = v_seam_scales(fitted["heads-absent"].signed(), lam, tower=tower, component=component)
+        out["heads-absent"][lam] = lambda s=scales: modulate_heads(vlm, s)
     # V-SEAM's negative heads: scores on the calibration questions the model answers wrongly (mostly
     # hallucinated "yes" on absent co-occurring objects); heads whose ablation helps are damped
     wrong = fitted["heads"].negative()
@@ -161,6 +197,11 @@ def choose(vlm, name: str, fitted: dict, work: Path, n_images: int) -> tuple[dic
 
 def spec_for(kind: str, strength: float, work: Path, fitted: dict) -> str:
     """The CLI spec of a chosen intervention (the same text a user passes to --intervention)."""
+    if kind == "heads-damp":
+        scales = damp_scales(fitted["heads-damp"], strength)
+        return "scale:" + "+".join(f"{site}={factor:.6g}" for site, factor in scales.items())
+    if kind == "heads-absent":
+        return f"heads:{work / 'heads-adversarial-absent.nc'},lambda={strength}"
     if kind in ("heads", "heads-wrong"):
         which = "signed" if kind == "heads" else "negative"
         return f"heads:{work / 'heads-adversarial.nc'},lambda={strength},kind={which}"
@@ -181,9 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-examples", type=int, default=150)
     parser.add_argument("--plan-examples", type=int, default=60)
     parser.add_argument("--captions", type=int, default=100)
+    parser.add_argument("--discussion", help="Markdown file with the discussion to put at the top of the report")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from results/interventions.json")
     args = parser.parse_args(argv)
     from vlm_interp.interventions.spec import from_spec
 
+    discussion = Path(args.discussion).read_text() if args.discussion else ""
+    if args.render_only:
+        report = json.loads((ROOT / "results" / "interventions.json").read_text())
+        atomic_write(ROOT / "results" / "interventions.md", render(report, discussion))
+        return 0
     torch.manual_seed(0)
     work_root = Path(args.work)
     held_out = pope_set(work_root / "heldout-pope", args.images, EVAL_SEED)
@@ -202,21 +250,47 @@ def main(argv: list[str] | None = None) -> int:
             with from_spec(spec)(vlm) if spec else contextlib.nullcontext():
                 _, metrics = run_chair(vlm, held_out / "captions.jsonl", held_out / "images", limit=args.captions)
             chair[system] = metrics
+        negatives = negative_yes(result.table, work / "heldout")
         report["organisms"][name] = {
+            "negative_yes": negatives.to_dict("records"),
             "chosen": chosen, "specs": specs, "calibration_grid": grid.to_dict("records"),
             "heldout": result.table.to_dict("records"), "tests": result.tests.to_dict("records"), "chair": chair,
             "levels": fitted["levels"].to_dict("records") if "levels" in fitted else None,
             "top_heads": fitted["heads"].top(8).to_dict("records"),
         }
         atomic_write(ROOT / "results" / "interventions.json", json.dumps(report, indent=1, default=str))
-    atomic_write(ROOT / "results" / "interventions.md", render(report))
-    print(render(report))
+    atomic_write(ROOT / "results" / "interventions.md", render(report, discussion))
+    print(render(report, discussion))
     return 0
 
 
-def render(report: dict) -> str:
+def negative_yes(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """Yes-ratio on the questions about absent objects (the hallucination rate), per system and split."""
+    from vlm_interp.hallucination.compare import slug
+    from vlm_interp.hallucination.metrics import bootstrap_ci
+    from vlm_interp.hallucination.pope import load_results
+
+    from vlm_interp.hallucination.metrics import mcnemar
+
+    rows = []
+    systems = list(dict.fromkeys(table["system"]))
+    frames = {s: load_results(folder / slug(s) / "results.jsonl") for s in systems}
+    for system in systems:
+        frame = frames[system]
+        for split, group in frame[frame.label == "no"].groupby("split"):
+            said_yes = (group.logit_answer == "yes").astype(float).to_numpy()
+            lo, hi = bootstrap_ci(said_yes, lambda x: float(x.mean()), n_boot=1000)
+            base = frames[systems[0]].set_index(["split", "question_id"]).loc[
+                [(split, q) for q in group.question_id]]
+            test = mcnemar(base.logit_answer.to_numpy() == "no", group.logit_answer.to_numpy() == "no")
+            rows.append({"system": system, "split": split, "negative_yes": float(said_yes.mean()), "lo": lo, "hi": hi,
+                         "n": len(group), "p_vs_unmodified": test["p_value"]})
+    return pd.DataFrame(rows)
+
+
+def render(report: dict, discussion: str = "") -> str:
     """The Markdown report: chosen strengths, held-out tables with intervals, paired tests, CHAIR."""
-    lines = ["# Interventions on the model organisms", "", f"Produced by `{report['command']}`.", ""]
+    lines = ["# Interventions on the model organisms", "", f"Produced by `{report['command']}`.", "", discussion]
     for name, r in report["organisms"].items():
         lines += [f"## {name}", "", "Chosen on the calibration POPE set (first-token answers):", "",
                   markdown_table(pd.DataFrame(r["calibration_grid"]), ".3f"),
@@ -224,6 +298,8 @@ def render(report: dict) -> str:
         table = pd.DataFrame(r["heldout"])
         lines.append(markdown_table(table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi",
                                            "yes_ratio", "f1", "n"]]))
+        lines += ["Yes-ratio on questions about absent objects (first-token answers; the hallucination rate):", "",
+                  markdown_table(pd.DataFrame(r["negative_yes"]))]
         if r["tests"]:
             tests = pd.DataFrame(r["tests"])
             lines += ["Paired McNemar tests against the unmodified model:", "",
