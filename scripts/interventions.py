@@ -290,7 +290,7 @@ def negative_yes(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
 
 def render(report: dict, discussion: str = "") -> str:
     """The Markdown report: chosen strengths, held-out tables with intervals, paired tests, CHAIR."""
-    lines = ["# Interventions on the model organisms", "", f"Produced by `{report['command']}`.", "", discussion]
+    lines = ["# Interventions on the model organisms", "", f"Produced by `{report['command']}` (the work folder holds the fitted scores, plans and per-question answers).", "", discussion]
     for name, r in report["organisms"].items():
         lines += [f"## {name}", "", "Chosen on the calibration POPE set (first-token answers):", "",
                   markdown_table(pd.DataFrame(r["calibration_grid"]), ".3f"),

@@ -30,6 +30,12 @@ def jsonl_text(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: "str | Path") -> Iterator[Path]:
     """A temporary file beside ``path`` to write into; moved over ``path`` only if the body succeeds."""
@@ -38,6 +44,7 @@ def atomic_path(path: "str | Path") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
