@@ -3,8 +3,9 @@
 Run: python benchmarks/bench_generate.py [--model zoo:shapes-llava] [--tokens 32] [--repeats 5]
 
 Every system generates the same number of new tokens (``min_new_tokens`` forces it) for the
-same prompt; systems are interleaved in each repeat so machine noise hits all alike, and the
-median over repeats is reported. VHR's one-time head choice at the first step is included.
+same prompt; systems are interleaved in each repeat so machine noise hits all alike. The best
+(minimum) time over repeats is the headline, since other processes only ever add time; the median
+is printed next to it. VHR's one-time head choice at the first step is included.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:shapes-llava")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     vlm = vi.load(args.model)
     scene = World(ORGANISM_WORLD).scene(3)
@@ -57,12 +58,13 @@ def main() -> None:
                 start = time.perf_counter()
                 vlm.generate(ex, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
                 times[name].append((time.perf_counter() - start) / args.tokens)
-    plain = statistics.median(times["plain"])
-    print(f"{args.model}: {args.tokens} new tokens, median of {args.repeats} interleaved repeats")
-    for name, values in times.items():
-        t = statistics.median(values)
-        print(f"  {name:28s} {1000 * t:7.3f} ms/token   ratio to plain {t / plain:5.3f}  ({100 * (t / plain - 1):+.1f}%)")
-
+    best = {name: min(values) for name, values in times.items()}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{args.model}: {args.tokens} new tokens, {args.repeats} interleaved repeats (best / median)")
+    for name in times:
+        print(f"  {name:28s} {1000 * best[name]:7.3f} / {1000 * median[name]:7.3f} ms/token   ratio to plain "
+              f"{best[name] / best['plain']:5.3f} ({100 * (best[name] / best['plain'] - 1):+.1f}%) / "
+              f"{median[name] / median['plain']:5.3f}")
 
 if __name__ == "__main__":
     main()
