@@ -118,3 +118,46 @@ def test_card_reading_of_pope_agrees_with_the_pope_tool(name, tmp_path):
     cache = PromptCache(vlm, ORGANISM_WORLD.canvas)
     card_way = choose(vlm, cache, pixel_normaliser(vlm.processor), images, [i.text for i in items], ["yes", "no"])
     assert card_way == pope.sort_values("question_id")["logit_answer"].tolist()
+
+
+def test_curriculum_steps_and_vision_relation_targets():
+    """Recipe.curriculum picks the mix by step; relation targets say, per object patch, where other shapes lie."""
+    from dataclasses import replace
+
+    from vlm_interp.zoo.tasks import RELATIONS, relation_holds
+    from vlm_interp.zoo.train import relation_targets, task_mix_at
+
+    base = RECIPES["shapes-blip"]
+    assert task_mix_at(base, 0) == base.warm_mix and task_mix_at(base, base.warm_steps) == base.task_mix
+    staged = replace(base, curriculum=((0, {"existence": 1.0}), (10, {"relation": 1.0})))
+    assert task_mix_at(staged, 9) == {"existence": 1.0} and task_mix_at(staged, 10) == {"relation": 1.0}
+    world = World(base.world)
+    bank = SceneBank.render(world, 30, seed=3, progress=False)
+    t = relation_targets(bank, world.config)
+    shapes = world.config.shapes
+    for i, scene in enumerate(bank.scenes):
+        assert ((t[i, :, 0] >= 0) == (bank.patch_shape[i] > 0)).all()
+        for k, a in enumerate(scene.objects):
+            own = [p for p in range(t.shape[1]) if bank.patch_shape[i, p] > 0 and t[i, p].sum() >= 0
+                   and (np.asarray(a.patch_coverage).reshape(-1)[p] > 0.1)]
+            for p in own:
+                if all((np.asarray(o.patch_coverage).reshape(-1)[p] < np.asarray(a.patch_coverage).reshape(-1)[p])
+                       for m, o in enumerate(scene.objects) if m != k):
+                    want = [any(relation_holds(a, b, rel) for m, b in enumerate(scene.objects) if m != k and b.shape == s)
+                            for rel in RELATIONS for s in shapes]
+                    assert t[i, p].tolist() == [float(w) for w in want]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoint_was_made_by_the_recipe_in_the_code(name):
+    """`vlm-interp zoo train NAME` must retrain what ships: the card's recipe equals the code's."""
+    from dataclasses import fields
+
+    import json
+
+    shipped = card(name)["recipe"]
+    code = json.loads(json.dumps(RECIPES[name].to_dict()))  # tuples become lists, as in the card
+    defaults = {f.name for f in fields(RECIPES[name]) if f.name not in shipped}  # fields added since
+    assert {k: v for k, v in code.items() if k not in defaults} == shipped
+    for key in defaults:
+        assert code[key] in ([], False), f"{key} was added after {name} was trained and must keep its default"

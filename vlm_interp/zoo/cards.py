@@ -30,6 +30,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _curriculum(r: dict) -> str:
+    if not r.get("curriculum"):
+        return f"first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}"
+    return "tasks by step: " + ", ".join(f"from {first} {mix}" for first, mix in r["curriculum"])
+
+
 def card_markdown(card: dict) -> str:
     """A human-readable card: what the organism is, how it was made, what it scores."""
     r, m, t = card["recipe"], card["metrics"], card["training"]
@@ -51,11 +57,12 @@ def card_markdown(card: dict) -> str:
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
         f"{r['vision_layers']}, LM layers {r['lm_layers']}",
         f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, per-patch shape "
-        "and colour classification, shape presence, and each patch's own position",
+        "and colour classification, shape presence, and each patch's own position"
+        + (", and for each object's patches which shapes lie left of / right of / above / below it"
+           if r.get("vision_relations") else ""),
         f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",
         f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "
-        f"(warm-up, cosine to 10%); first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}; "
-        f"{r['train_scenes']} training scenes, seed {r['seed']}",
+        f"(warm-up, cosine to 10%); {_curriculum(r)}; {r['train_scenes']} training scenes, seed {r['seed']}",
         f"- prompt template: `{r['template']!r}`",
         f"- training time on {card['environment']['threads']} CPU threads: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in t["seconds"].items()),

@@ -65,6 +65,33 @@ class SceneBank:
                    torch.from_numpy(presence))
 
 
+def relation_targets(bank: SceneBank, config) -> torch.Tensor:
+    """(N, P, 4 * n_shapes) float: for each patch owned by an object A (as in ``patch_shape``), whether
+    "A <relation> S" holds for some other object of shape S, relation by relation (``tasks.RELATIONS``);
+    -1 where the patch is background (no target)."""
+    from .tasks import RELATIONS, relation_holds
+
+    grid, n_shapes = config.grid, len(config.shapes)
+    out = np.full((len(bank.scenes), grid * grid, len(RELATIONS) * n_shapes), -1.0, np.float32)
+    for i, s in enumerate(bank.scenes):
+        owner = np.full(grid * grid, -1)
+        best = np.zeros(grid * grid)
+        for k, o in enumerate(s.objects):
+            cov = np.asarray(o.patch_coverage, dtype=float).reshape(-1)
+            take = (cov > 0.1) & (cov > best)
+            owner[take] = k
+            best = np.maximum(best, cov)
+        for k, a in enumerate(s.objects):
+            row = np.zeros(len(RELATIONS) * n_shapes, np.float32)
+            for m, b in enumerate(s.objects):
+                if m != k:
+                    for r, rel in enumerate(RELATIONS):
+                        if relation_holds(a, b, rel):
+                            row[r * n_shapes + config.shapes.index(b.shape)] = 1.0
+            out[i, owner == k] = row
+    return torch.from_numpy(out)
+
+
 def pixel_normaliser(processor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Map uint8 (B, H, W, 3) images to the processor's pixel_values (rescale and normalise)."""
     ip = processor.image_processor
@@ -166,6 +193,17 @@ def sample_qas(world: World, bank: SceneBank, mix: dict[str, float], rng: np.ran
     return idx, qas
 
 
+def task_mix_at(recipe: Recipe, step: int) -> dict[str, float]:
+    """The task mix that question-answering step ``step`` draws from (see ``Recipe.curriculum``)."""
+    if not recipe.curriculum:
+        return recipe.warm_mix if step < recipe.warm_steps else recipe.task_mix
+    mix = recipe.curriculum[0][1]
+    for first, m in recipe.curriculum:
+        if step >= first:
+            mix = m
+    return dict(mix)
+
+
 def _schedule(step: int, total: int, warmup: int = 100) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -184,6 +222,10 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         "presence": torch.nn.Linear(width, len(cfg.shapes)),
         "where": torch.nn.Linear(width, 2),  # the patch's own (row, column), so position stays readable
     })
+    relations = None
+    if recipe.vision_relations:
+        relations = relation_targets(bank, cfg)
+        heads["relation"] = torch.nn.Linear(width, relations.shape[-1])
     grid = cfg.grid
     where = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
     where = (where.reshape(1, grid * grid, 2).float() + 0.5) / grid - 0.5
@@ -201,6 +243,10 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
                 + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
                 + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx])
                 + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1)))
+        if relations is not None:
+            target = relations[idx]
+            known = target >= 0
+            loss = loss + F.binary_cross_entropy_with_logits(heads["relation"](tokens)[known], target[known])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,8 +257,10 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
 
 
 def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise, steps: int | None = None,
-              progress: bool = True) -> list[float]:
-    """Stage 2: the whole model on question answering, loss on answer tokens only."""
+              progress: bool = True, on_step: Callable[[int, list[float]], None] | None = None) -> list[float]:
+    """Stage 2: the whole model on question answering, loss on answer tokens only.
+
+    ``on_step(step, losses)``, if given, is called after every optimiser step (e.g. to monitor a run)."""
     steps = recipe.vqa_steps if steps is None else steps
     cache = PromptCache(vlm, recipe.world.canvas)
     model = vlm.model
@@ -230,7 +278,7 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = recipe.lr * _schedule(step, steps)
-        mix = recipe.warm_mix if step < recipe.warm_steps else recipe.task_mix
+        mix = task_mix_at(recipe, step)
         idx, qas = sample_qas(world, bank, mix, rng, recipe.batch)
         batch = make_batch(vlm, cache, normalise(bank.images[idx]), qas)
         per_sample = answer_loss(vlm, batch)
@@ -242,6 +290,8 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if on_step is not None:
+            on_step(step + 1, losses)
     model.eval()
     vision.requires_grad_(True)
     return losses
