@@ -168,23 +168,16 @@ def test_iri_matches_the_formula_at_the_last_token_only(llava, ex):
             raw[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()
         return hook
 
-    def attach():  # raw hooks run after the hooks registered before them
-        return [llava.model.get_submodule(a.module_path("lm", "attn", l)).register_forward_hook(grab(l)) for l in (0, 1)]
-
-    handles = attach()
+    # raw torch hooks run after vlm-interp's, so they see the injected output
+    handles = [llava.model.get_submodule(a.module_path("lm", "attn", l)).register_forward_hook(grab(l)) for l in (0, 1)]
     try:
         logits(llava, ex)
+        plain = dict(raw)
+        with inject(llava, plan):
+            logits(llava, ex)
     finally:
         for h in handles:
             h.remove()
-    plain = dict(raw)
-    with inject(llava, plan):
-        handles = attach()
-        try:
-            logits(llava, ex)
-        finally:
-            for h in handles:
-                h.remove()
     injected = raw[1]
     o, src = plain[1][0, -1], plain[0][0, -1]
     added = o + 0.8 * src
