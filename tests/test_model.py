@@ -173,3 +173,31 @@ def test_load_rejects_unknown_architecture_before_reading_weights(tmp_path):
                 vocab_size=10, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
     with pytest.raises(vi.VLMInterpError, match="LlamaForCausalLM.*Supported"):
         vi.load(str(tmp_path))
+
+
+def test_fcct_groups_partition_the_lm_sequence():
+    import vlm_interp as vi
+    from vlm_interp.tiny import tiny
+
+    vlm = vi.wrap(*tiny("llava", seed=0))
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    ex = vlm.prepare(image, "Is there a red circle in the image?", region=(8, 8, 20, 20))
+    groups = vlm.add_fcct_groups(ex, "circle")
+    n = ex.inputs["input_ids"].shape[1]
+    flat = sorted(p for g in groups.values() for p in g)
+    assert flat == list(range(n))  # every position in exactly one group
+    assert all(groups[g] for g in ("early_visual", "object_visual", "late_visual", "object_text", "last"))
+    assert "".join(ex.tokens[p] for p in groups["object_text"]).replace("Ġ", "").strip() == "circle"
+    assert max(groups["early_visual"]) < min(groups["object_visual"]) < max(groups["late_visual"])
+    with pytest.raises(ValueError, match="does not occur"):
+        vlm.add_fcct_groups(ex, "square")
+    plain = vlm.prepare(image, "Is there a red circle in the image?")
+    with pytest.raises(ValueError, match="region"):
+        vlm.add_fcct_groups(plain, "circle")
+    from vlm_interp.corruptions import noise
+    from vlm_interp.tracing import trace
+
+    ex.answer, ex.answer_ids = "yes", vlm.encode_answer(ex, "yes")
+    tr = trace(vlm, ex, noise(vlm, ex, scale=1.0, seed=0), components=["lm.hidden"], tokens=list(groups),
+               progress=False)
+    assert list(tr.data.coords["group"].values) == list(groups)

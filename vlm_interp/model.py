@@ -261,6 +261,44 @@ class VLM:
                                   f"crops it away); the {name!r} group of that tower is empty", stacklevel=2)
         return ex.groups.get("lm", {}).get(name, [])
 
+    def add_fcct_groups(self, ex: Example, word: str) -> dict[str, list[int]]:
+        """FCCT's seven LM token groups, which partition the LM sequence.
+
+        The groups are ``early_visual``, ``object_visual`` and ``late_visual``: image tokens before,
+        on and after the ``object`` group (which needs a region). Then ``early_text``,
+        ``object_text`` and ``late_text``: non-image tokens before, on and after ``word`` in the
+        question (its last occurrence), without the final token. Last comes ``last``.
+        """
+        if self.adapter.adapter.decoder != "causal" or not ex.boxes.get("lm"):
+            raise ValueError(f"FCCT groups need an LM whose input holds the image patches ({self.family} "
+                             "models feed the LM Q-Former queries or use a separate answer decoder)")
+        lm = ex.groups["lm"]
+        if not lm.get("object"):
+            raise ValueError("FCCT groups need the object's visual tokens: prepare(..., region=...) first")
+        ids = ex.inputs["input_ids"][0].tolist()
+        spans = self._text_alignment(self.tokenizer, ex.prompt, ids, self.image_token_id)
+        q_start = ex.prompt.rfind(ex.question)
+        at = ex.question.rfind(word)
+        if not word or at < 0:
+            raise ValueError(f"the word {word!r} does not occur in the question {ex.question!r}")
+        start, end = q_start + at, q_start + at + len(word)
+        word_pos = sorted(p for p, (a, b) in spans.items() if b > a and a < end and b > start)
+        last = lm["last"][0]
+        objects, image = set(lm["object"]), lm["image"]
+        first_object = min(objects)
+        text = [p for p in lm["text"] if p != last]
+        groups = {
+            "early_visual": [p for p in image if p < first_object and p not in objects],
+            "object_visual": sorted(objects),
+            "late_visual": [p for p in image if p > first_object and p not in objects],
+            "early_text": [p for p in text if p < word_pos[0]],
+            "object_text": word_pos,
+            "late_text": [p for p in text if p > word_pos[-1]],
+            "last": [last],
+        }
+        lm.update(groups)
+        return groups
+
     # ---- answers ----------------------------------------------------------------------
     def encode_answer(self, ex: Example, answer: str) -> list[int]:
         """Token ids of ``answer`` as the model would produce them after this prompt."""
