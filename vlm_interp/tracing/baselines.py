@@ -42,6 +42,15 @@ class BaselineError(VLMInterpError, ValueError):
     """An input attribution cannot be computed for this model or these arguments."""
 
 
+def _captum(name: str):
+    """A captum attribution class, with an install hint when captum is missing."""
+    try:
+        from captum import attr
+    except ImportError:
+        raise ImportError("input attributions need captum: pip install 'vlm-interp[attr]'") from None
+    return getattr(attr, name)
+
+
 def _pixels(example: Example) -> torch.Tensor:
     """The example's ``pixel_values``, checked to be one untiled image (batch, channels, height, width)."""
     pixels = example.inputs.get("pixel_values")
@@ -151,7 +160,7 @@ def pixel_integrated_gradients(vlm, example: Example, metric: str = "prob", answ
     ``"abs"`` sums absolute pixel attributions. ``attrs`` hold the input and baseline scores and
     captum's convergence delta (the completeness error).
     """
-    from captum.attr import IntegratedGradients
+    IntegratedGradients = _captum("IntegratedGradients")
 
     if reduce not in REDUCTIONS:
         raise BaselineError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -180,7 +189,7 @@ def patch_feature_ablation(vlm, example: Example, metric: str = "prob", answer: 
                            other: str | None = None, baseline: "str | float | torch.Tensor" = "mean",
                            batch_size: int = 16) -> xr.DataArray:
     """Feature ablation (captum) over vision patches: ``metric(input) - metric(patch k set to the baseline)``."""
-    from captum.attr import FeatureAblation
+    FeatureAblation = _captum("FeatureAblation")
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BaselineError(f"batch_size must be a positive integer, got {batch_size!r}")
