@@ -133,16 +133,21 @@ def inject(vlm, plan: InjectionPlan) -> Iterator[InjectionPlan]:
 def _injector(tracker: StepTracker, seen: dict[int, torch.Tensor], layer: int, is_source: bool,
               sources: dict[int, float] | None, coefficient: float):
     """Edit for one layer: remember its output (a source) and/or inject into it (a target)."""
+    alphas = {s: coefficient * w for s, w in (sources or {}).items()}
+
     def run(t: torch.Tensor) -> torch.Tensor:
         where = tracker.step_positions()
         if is_source:
             seen[layer] = t[:, where]
-        if not sources:
+        if not alphas:
             return t
         original = t[:, where]
-        added = original + coefficient * sum(w * seen[s] for s, w in sources.items())
-        norm, new_norm = original.norm(dim=-1, keepdim=True), added.norm(dim=-1, keepdim=True)
-        rescaled = added * (norm / new_norm.clamp_min(torch.finfo(t.dtype).tiny))
+        added = original
+        for s, alpha in alphas.items():
+            added = torch.add(added, seen[s], alpha=alpha)
+        norm = torch.linalg.vector_norm(original, dim=-1, keepdim=True)
+        new_norm = torch.linalg.vector_norm(added, dim=-1, keepdim=True).clamp_min_(torch.finfo(t.dtype).tiny)
+        rescaled = added * (norm / new_norm)
         if where.start == 0:  # the whole call is new positions (each cached step): no copy needed
             return rescaled
         out = t.clone()
