@@ -31,6 +31,7 @@ from vlm_interp.files import atomic_write
 from vlm_interp.hallucination.chair import run_chair
 from vlm_interp.hallucination.compare import compare, markdown_table, read_pope_folder
 from vlm_interp.hallucination.metrics import binary_metrics
+from vlm_interp.hallucination.pope import logit_answer
 from vlm_interp.interventions import (HeadScores, InjectionPlan, compare_levels, inject, modulate_heads,
                                       plot_head_scores, score_heads, v_seam_scales, vhr)
 from vlm_interp.zoo.calibration import CALIBRATION_SEED, LEVELS, calibration_examples
@@ -59,9 +60,7 @@ def first_token_pope(vlm, items, images: Path, context) -> dict:
     with context():
         for item in tqdm(items, desc="calibration POPE", leave=False):
             ex = vlm.prepare(Image.open(images / item.image).convert("RGB"), item.text)
-            logits = vlm.first_token_logits(ex)
-            yes, no = vlm.encode_answer(ex, "yes")[0], vlm.encode_answer(ex, "no")[0]
-            pred.append("yes" if logits[yes] > logits[no] else "no")
+            pred.append(logit_answer(vlm, ex)["logit_answer"])
     frame = pd.DataFrame({"split": [i.split for i in items], "label": [i.label for i in items], "pred": pred})
     out = {}
     for split, g in frame.groupby("split"):
@@ -69,6 +68,12 @@ def first_token_pope(vlm, items, images: Path, context) -> dict:
         neg = g[g.label == "no"]
         out[f"{split}_negative_yes"] = float((neg.pred == "yes").mean())
     return out
+
+
+def pope_examples(vlm, folder: Path, items) -> list:
+    """``(key, Example)`` for POPE questions, with their labels as answers (for head scoring)."""
+    return [(f"adv-{i.question_id}", vlm.prepare(Image.open(folder / "images" / i.image).convert("RGB"), i.text,
+                                                  answer=i.label)) for i in items]
 
 
 def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
@@ -89,10 +94,8 @@ def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
     if not path.exists():
         folder = pope_set(work / "scoring-pope", 100, CALIBRATION_SEED + 1)
         items = read_pope_folder(folder, ["adversarial"])[:n_scores * 2]
-        examples = [(f"adv-{i.question_id}", vlm.prepare(Image.open(folder / "images" / i.image).convert("RGB"),
-                                                          i.text, answer=i.label)) for i in items]
-        score_heads(vlm, examples, tower=tower, component=component, folder=work / "heads-adversarial.parts",
-                    level="adversarial POPE").save(path)
+        score_heads(vlm, pope_examples(vlm, folder, items), tower=tower, component=component,
+                    folder=work / "heads-adversarial.parts", level="adversarial POPE").save(path)
     fitted["heads"] = HeadScores.load(path)
     # the same scores restricted to the questions about absent objects (label "no"): the heads whose
     # ablation raises p(no) there carry the prior that makes the model hallucinate
@@ -110,9 +113,7 @@ def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
     if not zero_path.exists():
         folder = work / "scoring-pope"
         items = [i for i in read_pope_folder(folder, ["adversarial"]) if i.label == "no"][:n_scores]
-        examples = [(f"adv-{i.question_id}", vlm.prepare(Image.open(folder / "images" / i.image).convert("RGB"),
-                                                          i.text, answer=i.label)) for i in items]
-        score_heads(vlm, examples, tower=tower, component=component, ablation="zero",
+        score_heads(vlm, pope_examples(vlm, folder, items), tower=tower, component=component, ablation="zero",
                     folder=work / "heads-absent-zero.parts", level="absent objects, zero ablation").save(zero_path)
     fitted["heads-damp"] = HeadScores.load(zero_path)
     if len(scores) > 1:

@@ -127,13 +127,13 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
     variants: dict[str, Intervention | None] = {"none": None, **(interventions or {})}
     results: dict[str, pd.DataFrame] = {}
     tables = []
+    rank, world, _ = process_rank()
     for model in models:
         vlm = load(model) if isinstance(model, str) else model
         for name, make in variants.items():
             system = vlm.name if name == "none" else f"{vlm.name} + {name}"
             # a finished (resumed) system runs no forward, so its intervention must not be attached
             # (it would rightly complain that it never fired)
-            rank, world, _ = process_rank()
             needed = make is not None and unanswered(items, out / slug(system), rank, world) > 0
             with make(vlm) if needed else contextlib.nullcontext():
                 frame = run_pope_sharded(vlm, items, folder / "images", out / slug(system), suffix=suffix,

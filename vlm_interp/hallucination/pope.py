@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import VLMInterpError
+from ..example import Example
 from ..files import atomic_write, jsonl_rows, jsonl_text
 from ..model import VLM
 from .answers import is_explicit, parse_yes_no
@@ -93,22 +94,26 @@ def _done(results: Path) -> dict[tuple[str, int], dict]:
 
 
 @torch.no_grad()
+def logit_answer(vlm: VLM, ex: Example) -> dict:
+    """The first-token reading of a yes/no question: P(yes), P(no) and the answer whose logit is higher."""
+    logits = vlm.first_token_logits(ex)
+    yes, no = vlm.encode_answer(ex, "yes")[0], vlm.encode_answer(ex, "no")[0]
+    p = torch.softmax(logits, -1)
+    return {"p_yes": float(p[yes]), "p_no": float(p[no]), "logit_answer": "yes" if logits[yes] > logits[no] else "no"}
+
+
+@torch.no_grad()
 def answer(vlm: VLM, item: PopeItem, image: Image.Image, suffix: str, max_new_tokens: int) -> dict:
     """Answer one question by generation and by first-token logits."""
     ex = vlm.prepare(image, item.text + suffix)
     text = vlm.generate(ex, max_new_tokens=max_new_tokens)
-    logits = vlm.first_token_logits(ex)
-    yes, no = vlm.encode_answer(ex, "yes")[0], vlm.encode_answer(ex, "no")[0]
-    p = torch.softmax(logits, -1)
     return {
         **asdict(item),
         "suffix": suffix,
         "answer_text": text,
         "parsed": parse_yes_no(text),
         "explicit": is_explicit(text),
-        "p_yes": float(p[yes]),
-        "p_no": float(p[no]),
-        "logit_answer": "yes" if logits[yes] > logits[no] else "no",
+        **logit_answer(vlm, ex),
     }
 
 

@@ -58,7 +58,6 @@ class StepTracker:
         self.prompt_len: int | None = None
         self.prompt_ids: torch.Tensor | None = None
         self.start = 0
-        self.length = 0
         self.new_sequence = False
         self.paused = False  # set while an intervention runs extra measuring passes of the LM
         self._last_ids: torch.Tensor | None = None
@@ -95,7 +94,7 @@ class StepTracker:
         if self.new_sequence:
             self.prompt_len = length
             self.prompt_ids = ids.clone() if ids is not None else None
-        self.start, self.length = past, length
+        self.start = past
 
     def step_positions(self) -> slice:
         """Local indices, in the current call, of the positions that were 'last' at their own step."""

@@ -145,12 +145,6 @@ def _grid(vlm, plan: _Plan, effects: dict[Key, np.ndarray]) -> Trace:
 
 # ---- attribution patching (direct: one forward with graph, one backward) ------------------
 
-def _slot(vlm, tower: str, comp: str, layer: int) -> tuple[str, str]:
-    """Module path and hook kind of a component; head components name the whole projection input."""
-    kind = vlm.adapter.adapter.towers[tower].components[comp][1]
-    return vlm.adapter.module_path(tower, comp, layer), kind
-
-
 @contextlib.contextmanager
 def _params_require_grad(model: torch.nn.Module) -> Iterator[None]:
     """Let activations carry a graph even for a frozen model; restores every flag on exit."""
@@ -233,7 +227,8 @@ def attribution_patching(vlm, clean: Example, corrupt: Example,
     """
     plan = _plan(vlm, clean, corrupt, components, tokens, window, metric, answer, other, direction,
                  "attribution_patching")
-    slots = {(comp, layer): _slot(vlm, plan.tower, comp, layer) for comp in plan.comps for layer in plan.layers[comp]}
+    slots = {(comp, layer): vlm.adapter.hook_point(plan.tower, comp, layer)
+             for comp in plan.comps for layer in plan.layers[comp]}
     unique = list(dict.fromkeys(slots.values()))
     base, grads = _base_gradients(vlm, plan, unique)
     source = _source_values(vlm, plan, unique)
@@ -275,9 +270,9 @@ def _captum_layer(vlm, tower: str, comp: str, layer: int) -> tuple[torch.nn.Modu
     its output is the same tensor (checked by :func:`_check_projection`).
     """
     if comp in _ATTN_OF_HEAD and _ATTN_OF_HEAD[comp] in vlm.adapter.components(tower):
-        path, kind = _slot(vlm, tower, _ATTN_OF_HEAD[comp], layer)
+        path, kind = vlm.adapter.hook_point(tower, _ATTN_OF_HEAD[comp], layer)
         return vlm.model.get_submodule(path), False
-    path, kind = _slot(vlm, tower, comp, layer)
+    path, kind = vlm.adapter.hook_point(tower, comp, layer)
     return vlm.model.get_submodule(path), kind == "input"
 
 
@@ -287,7 +282,8 @@ def _check_projection(vlm, plan: _Plan, comp: str) -> None:
         return
     layer = plan.layers[comp][0]
     site = vlm.adapter.hook(Site(plan.tower, comp, layer), capture=True)
-    proj = Hook(_slot(vlm, plan.tower, _ATTN_OF_HEAD[comp], layer)[0], capture=True, name="projection output")
+    path = vlm.adapter.hook_point(plan.tower, _ATTN_OF_HEAD[comp], layer)[0]
+    proj = Hook(path, capture=True, name="projection output")
     with torch.no_grad(), applied(vlm, plan.base), vlm.hooks([site, proj]):
         vlm.logits(plan.base.inputs)
     if site.value.shape != proj.value.shape or not torch.equal(site.value, proj.value):
@@ -297,7 +293,8 @@ def _check_projection(vlm, plan: _Plan, comp: str) -> None:
 
 def _connected(vlm, plan: _Plan) -> set[tuple[str, int]]:
     """Sites the answer depends on at all (a backward with unused inputs allowed); the rest have no effect."""
-    slots = {(comp, layer): _slot(vlm, plan.tower, comp, layer) for comp in plan.comps for layer in plan.layers[comp]}
+    slots = {(comp, layer): vlm.adapter.hook_point(plan.tower, comp, layer)
+             for comp in plan.comps for layer in plan.layers[comp]}
     _, grads = _base_gradients(vlm, plan, list(dict.fromkeys(slots.values())))
     return {key for key, slot in slots.items() if grads[slot] is not None}
 
