@@ -334,3 +334,31 @@ def test_tokenizer_is_deterministic(tokenizer):
     assert again(text).input_ids == tokenizer(text).input_ids
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe_tokenizer(["a b"], vocab_size=100)
+
+
+def test_side_and_relation_choice_questions_follow_the_centres():
+    """The training-only tasks answer from object centres, and only when the centres are clearly apart."""
+    from vlm_interp.zoo.tasks import RELATION_SIDES, SIDES
+
+    rng = np.random.default_rng(3)
+    half, margin = WORLD.config.canvas / 2, WORLD.config.relation_margin
+    answers = {"side": [], "relation_choice": []}
+    for scene in WORLD.scenes(300, seed=22):
+        side = make_qa(WORLD, scene, "side", rng)
+        if side is not None:
+            obj = scene.objects[side.object_index]
+            axis = "x" if side.answer in SIDES["x"] else "y"
+            assert scene.count(obj.shape) == 1 and abs(getattr(obj, axis) - half) >= margin / 2
+            assert side.answer == SIDES[axis][getattr(obj, axis) > half]
+            assert side.question == f"Is the {obj.shape} {'on' if axis == 'x' else 'at'} the {SIDES[axis][0]} or the {SIDES[axis][1]}?"
+            answers["side"].append(side.answer)
+        choice = make_qa(WORLD, scene, "relation_choice", rng)
+        if choice is not None:
+            a, b = scene.objects[choice.object_index], scene.objects[choice.other_index]
+            axis = "x" if choice.answer in RELATION_SIDES["x"] else "y"
+            assert abs(getattr(a, axis) - getattr(b, axis)) >= margin
+            assert choice.answer == RELATION_SIDES[axis][getattr(a, axis) > getattr(b, axis)]
+            assert choice.question.startswith(f"Is the {a.shape} ") and choice.question.endswith(f" the {b.shape}?")
+            answers["relation_choice"].append(choice.answer)
+    assert set(answers["side"]) == {"left", "right", "top", "bottom"}
+    assert set(answers["relation_choice"]) == {"left", "right", "above", "below"}

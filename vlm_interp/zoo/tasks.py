@@ -17,6 +17,14 @@ from .shapes import Scene, SceneObject, World, _check_name
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 TASKS: tuple[str, ...] = ("existence", "attribute", "relation", "caption")
+# Training-only tasks, not measured in the model cards: stepping stones towards relations. Their
+# answers name a side ("left"/"right", ...), so reading where an object is pays off directly; a yes/no
+# relation question instead needs where-the-objects-are combined with the relation word (an XOR)
+# before any answer improves.
+AUX_TASKS: tuple[str, ...] = ("side", "relation_choice")
+# For each axis the two sides (y grows downwards), as a side question and as a relation choice names them.
+SIDES: dict[str, tuple[str, str]] = {"x": ("left", "right"), "y": ("top", "bottom")}
+RELATION_SIDES: dict[str, tuple[str, str]] = {"x": ("left", "right"), "y": ("above", "below")}
 CAPTION_PROMPT = "Describe the image."
 
 
@@ -33,6 +41,7 @@ class QA:
     shape: str | None = None
     color: str | None = None
     relation: str | None = None
+    """The relation words; for side and relation-choice questions, the side that is the answer."""
     other_index: int | None = None
     other_shape: str | None = None
 
@@ -51,6 +60,18 @@ def color_question(shape: str) -> str:
 def relation_question(shape: str, relation: str, other: str) -> str:
     _check_name(relation, RELATIONS, "relation")
     return f"Is the {shape} {relation} the {other}?"
+
+
+def side_question(shape: str, axis: str) -> str:
+    _check_name(axis, tuple(SIDES), "axis")
+    first, second = SIDES[axis]
+    return f"Is the {shape} {'on' if axis == 'x' else 'at'} the {first} or the {second}?"
+
+
+def relation_choice_question(shape: str, axis: str, other: str) -> str:
+    _check_name(axis, tuple(RELATION_SIDES), "axis")
+    first, second = RELATION_SIDES[axis]
+    return f"Is the {shape} {first} or {second} {'of ' if axis == 'x' else ''}the {other}?"
 
 
 def _article(word: str) -> str:
@@ -142,13 +163,45 @@ def relation_qa(world: World, scene: Scene, rng: np.random.Generator) -> QA | No
     return QA(relation_question(a.shape, rel, b.shape), answer, "relation", i, a.shape, a.color, rel, j, b.shape)
 
 
+def side_qa(world: World, scene: Scene, rng: np.random.Generator) -> QA | None:
+    """Which half of the image a uniquely-shaped object lies in ("left"/"right" or "top"/"bottom"); asked
+    only when its centre is at least half the relation margin away from the middle."""
+    half, margin = world.config.canvas / 2, world.config.relation_margin / 2
+    cands = [(i, axis) for i in scene.unique_indices() for axis in SIDES
+             if abs(getattr(scene.objects[i], axis) - half) >= margin]
+    if not cands:
+        return None
+    i, axis = cands[int(rng.integers(len(cands)))]
+    o = scene.objects[i]
+    answer = SIDES[axis][int(getattr(o, axis) > half)]
+    return QA(side_question(o.shape, axis), answer, "side", i, o.shape, o.color, answer)
+
+
+def relation_choice_qa(world: World, scene: Scene, rng: np.random.Generator) -> QA | None:
+    """Where a uniquely-shaped object lies relative to another ("left"/"right" or "above"/"below"), for
+    pairs clearly separated along that axis."""
+    cands = sorted({(i, j, "x" if rel in ("left of", "right of") else "y")
+                    for i, j, rel in relation_candidates(scene, world.config.relation_margin)})
+    if not cands:
+        return None
+    i, j, axis = cands[int(rng.integers(len(cands)))]
+    a, b = scene.objects[i], scene.objects[j]
+    answer = RELATION_SIDES[axis][int(getattr(a, axis) > getattr(b, axis))]
+    return QA(relation_choice_question(a.shape, axis, b.shape), answer, "relation_choice", i, a.shape, a.color,
+              answer, j, b.shape)
+
+
 def caption_qa(scene: Scene) -> QA:
     return QA(CAPTION_PROMPT, caption(scene), "caption")
 
 
 def make_qa(world: World, scene: Scene, task: str, rng: np.random.Generator) -> QA | None:
     """One QA of the given task, or None if the scene does not support it."""
-    _check_name(task, TASKS, "task")
+    _check_name(task, TASKS + AUX_TASKS, "task")
+    if task == "side":
+        return side_qa(world, scene, rng)
+    if task == "relation_choice":
+        return relation_choice_qa(world, scene, rng)
     if task == "existence":
         return existence_qa(world, scene, rng)
     if task == "attribute":
@@ -169,7 +222,10 @@ def scene_qa(world: World, scene: Scene, rng: np.random.Generator, tasks: Sequen
 
 
 __all__ = [
+    "AUX_TASKS",
     "CAPTION_PROMPT",
+    "RELATION_SIDES",
+    "SIDES",
     "QA",
     "RELATIONS",
     "TASKS",
@@ -180,10 +236,14 @@ __all__ = [
     "existence_qa",
     "existence_question",
     "make_qa",
+    "relation_choice_qa",
+    "relation_choice_question",
     "relation_candidates",
     "relation_holds",
     "relation_is_clear",
     "relation_qa",
     "relation_question",
     "scene_qa",
+    "side_qa",
+    "side_question",
 ]
