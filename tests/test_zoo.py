@@ -125,7 +125,7 @@ def test_curriculum_steps_and_vision_relation_targets():
     from dataclasses import replace
 
     from vlm_interp.zoo.tasks import RELATIONS, relation_holds
-    from vlm_interp.zoo.train import relation_targets, task_mix_at
+    from vlm_interp.zoo.train import curriculum_at, relation_targets, sample_qas, task_mix_at
 
     base = RECIPES["shapes-blip"]
     assert task_mix_at(base, 0) == base.warm_mix and task_mix_at(base, base.warm_steps) == base.task_mix
@@ -133,6 +133,12 @@ def test_curriculum_steps_and_vision_relation_targets():
     assert task_mix_at(staged, 9) == {"existence": 1.0} and task_mix_at(staged, 10) == {"relation": 1.0}
     world = World(base.world)
     bank = SceneBank.render(world, 30, seed=3, progress=False)
+    single = replace(base, curriculum=((0, {"side": 1.0}, 1), (5, {"relation": 1.0})))
+    assert curriculum_at(single, 4) == ({"side": 1.0}, 1) and curriculum_at(single, 5) == ({"relation": 1.0}, None)
+    idx, qas = sample_qas(world, bank, {"side": 1.0}, np.random.default_rng(0), 40, max_objects=1)
+    assert all(len(bank.scenes[i].objects) == 1 for i in idx) and {q.task for q in qas} == {"side"}
+    with pytest.raises(ValueError, match="at most 0 objects"):
+        sample_qas(world, bank, {"side": 1.0}, np.random.default_rng(0), 1, max_objects=0)
     t = relation_targets(bank, world.config)
     shapes = world.config.shapes
     for i, scene in enumerate(bank.scenes):
@@ -160,4 +166,32 @@ def test_shipped_checkpoint_was_made_by_the_recipe_in_the_code(name):
     defaults = {f.name for f in fields(RECIPES[name]) if f.name not in shipped}  # fields added since
     assert {k: v for k, v in code.items() if k not in defaults} == shipped
     for key in defaults:
-        assert code[key] in ([], False), f"{key} was added after {name} was trained and must keep its default"
+        assert key in UNCHANGED_BY, f"recipe field {key} is new: add the value that keeps old training to UNCHANGED_BY"
+        assert code[key] == UNCHANGED_BY[key], f"{key} was added after {name} was trained and must keep its default"
+
+
+# Recipe fields added after some organism was trained, with the value that trains as before they existed.
+UNCHANGED_BY = {"curriculum": [], "vision_relations": False, "position_target": "regression", "lm_init_std": 0.02}
+
+
+def test_vision_pretraining_position_targets(tmp_path):
+    """Both position targets train the vision tower (loss finite, weights move); an unknown one is refused."""
+    from dataclasses import replace
+
+    from vlm_interp.loading import wrap
+    from vlm_interp.zoo.organisms import build, build_tokenizer
+    from vlm_interp.zoo.train import pretrain_vision
+
+    base = replace(RECIPES["shapes-llava"], vision_steps=2, train_scenes=16)
+    world = World(base.world)
+    bank = SceneBank.render(world, 16, seed=5, progress=False)
+    for target in ("regression", "classes"):
+        recipe = replace(base, position_target=target)
+        model, processor = build(recipe, build_tokenizer(recipe))
+        vlm = wrap(model, processor, template=recipe.template)
+        before = [p.detach().clone() for p in model.model.vision_tower.parameters()]
+        losses = pretrain_vision(vlm, recipe, bank, pixel_normaliser(processor), progress=False)
+        assert len(losses) == 2 and all(np.isfinite(losses))
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.model.vision_tower.parameters()))
+    with pytest.raises(ValueError, match="position_target"):
+        pretrain_vision(vlm, replace(base, position_target="polar"), bank, pixel_normaliser(processor), progress=False)

@@ -33,7 +33,10 @@ def _pct(x: float) -> str:
 def _curriculum(r: dict) -> str:
     if not r.get("curriculum"):
         return f"first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}"
-    return "tasks by step: " + ", ".join(f"from {first} {mix}" for first, mix in r["curriculum"])
+    stages = []
+    for first, mix, *limit in r["curriculum"]:
+        stages.append(f"from {first} {mix}" + (f" (scenes with at most {limit[0]} object{'s' * (limit[0] != 1)})" if limit else ""))
+    return "tasks by step: " + ", ".join(stages)
 
 
 def card_markdown(card: dict) -> str:
@@ -55,9 +58,10 @@ def card_markdown(card: dict) -> str:
         f"- tokenizer: byte-level BPE, {r['vocab_size']} tokens, trained on the world's text, its prompt "
         "template and English filler",
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
-        f"{r['vision_layers']}, LM layers {r['lm_layers']}",
+        f"{r['vision_layers']}, LM layers {r['lm_layers']}, LM initial weight std {r.get('lm_init_std', 0.02)}",
         f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, per-patch shape "
         "and colour classification, shape presence, and each patch's own position"
+        + (" (row and column classes)" if r.get("position_target") == "classes" else "")
         + (", and for each object's patches which shapes lie left of / right of / above / below it"
            if r.get("vision_relations") else ""),
         f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",

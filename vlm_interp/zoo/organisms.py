@@ -37,6 +37,10 @@ class Recipe:
     width: int = 128
     vision_layers: int = 2
     lm_layers: int = 4
+    # Initial weight std of the language model (transformers' initializer_range). 0.02 suits a 4096-wide
+    # LLaMA; at width 128 it leaves attention logits near 0 at the start, so attention learns to pick
+    # out one object only slowly. About 0.02 * sqrt(4096 / width) gives logits of LLaMA's size.
+    lm_init_std: float = 0.02
     heads: int = 4
     kv_heads: int = 2
     qformer_layers: int = 2
@@ -46,6 +50,9 @@ class Recipe:
     # Stage 1 also teaches each patch of an object which shapes lie left of / right of / above / below
     # that object (so a relation question becomes a lookup at the subject's patches).
     vision_relations: bool = False
+    # How stage 1 keeps each patch's position readable: "regression" of its (row, column), or "classes":
+    # row and column classification, which makes position as strong a feature as shape and colour.
+    position_target: str = "regression"
     # As in LLaVA, the pretrained vision tower stays frozen while the rest learns to answer.
     freeze_vision: bool = True
     vqa_steps: int = 4000
@@ -58,8 +65,9 @@ class Recipe:
     warm_mix: dict = field(default_factory=lambda: {"existence": 0.6, "attribute": 0.4})
     task_mix: dict = field(default_factory=lambda: {"existence": 0.35, "attribute": 0.2, "relation": 0.35,
                                                    "caption": 0.1})
-    # Optional finer curriculum: ``((first_step, mix), ...)``; when given it replaces warm_steps,
-    # warm_mix and task_mix (step ``s`` draws from the mix of the last entry with first_step <= s).
+    # Optional finer curriculum: ``((first_step, mix[, max_objects]), ...)``; when given it replaces
+    # warm_steps, warm_mix and task_mix (step ``s`` draws from the last entry with first_step <= s, from
+    # scenes with at most max_objects objects when the entry gives it).
     curriculum: tuple = ()
     train_scenes: int = 20000
     seed: int = 0
@@ -110,7 +118,7 @@ def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
     llama = dict(model_type="llama", hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.lm_layers,
                  num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads, vocab_size=len(tokenizer),
                  max_position_embeddings=256, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
-                 pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+                 pad_token_id=ids["<pad>"], tie_word_embeddings=False, initializer_range=recipe.lm_init_std)
     vision = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.vision_layers,
                   num_attention_heads=recipe.heads, image_size=canvas, patch_size=patch, initializer_range=0.02)
     if recipe.family == "llava":

@@ -178,14 +178,20 @@ def answer_loss(vlm: VLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def sample_qas(world: World, bank: SceneBank, mix: dict[str, float], rng: np.random.Generator,
-               n: int) -> tuple[list[int], list[QA]]:
-    """``n`` (scene index, QA) pairs with tasks drawn from ``mix`` (task -> weight)."""
+               n: int, max_objects: int | None = None) -> tuple[list[int], list[QA]]:
+    """``n`` (scene index, QA) pairs with tasks drawn from ``mix`` (task -> weight), optionally only
+    from scenes with at most ``max_objects`` objects."""
     tasks = list(mix)
     probs = np.array([mix[t] for t in tasks], float)
     probs /= probs.sum()
+    allowed = np.arange(len(bank.scenes))
+    if max_objects is not None:
+        allowed = np.array([i for i, s in enumerate(bank.scenes) if len(s.objects) <= max_objects])
+        if not len(allowed):
+            raise ValueError(f"no training scene has at most {max_objects} objects")
     idx, qas = [], []
     while len(qas) < n:
-        i = int(rng.integers(len(bank.scenes)))
+        i = int(allowed[int(rng.integers(len(allowed)))])
         qa = make_qa(world, bank.scenes[i], tasks[int(rng.choice(len(tasks), p=probs))], rng)
         if qa is not None:
             idx.append(i)
@@ -193,15 +199,21 @@ def sample_qas(world: World, bank: SceneBank, mix: dict[str, float], rng: np.ran
     return idx, qas
 
 
+def curriculum_at(recipe: Recipe, step: int) -> tuple[dict[str, float], int | None]:
+    """The task mix that question-answering step ``step`` draws from, and the largest number of objects
+    its scenes may hold (None: any), as ``Recipe.curriculum`` says."""
+    if not recipe.curriculum:
+        return (recipe.warm_mix if step < recipe.warm_steps else recipe.task_mix), None
+    stage = recipe.curriculum[0]
+    for entry in recipe.curriculum:
+        if step >= entry[0]:
+            stage = entry
+    return dict(stage[1]), (stage[2] if len(stage) > 2 else None)
+
+
 def task_mix_at(recipe: Recipe, step: int) -> dict[str, float]:
     """The task mix that question-answering step ``step`` draws from (see ``Recipe.curriculum``)."""
-    if not recipe.curriculum:
-        return recipe.warm_mix if step < recipe.warm_steps else recipe.task_mix
-    mix = recipe.curriculum[0][1]
-    for first, m in recipe.curriculum:
-        if step >= first:
-            mix = m
-    return dict(mix)
+    return curriculum_at(recipe, step)[0]
 
 
 def _schedule(step: int, total: int, warmup: int = 100) -> float:
@@ -220,15 +232,21 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         "shape": torch.nn.Linear(width, len(cfg.shapes) + 1),
         "color": torch.nn.Linear(width, len(cfg.colors) + 1),
         "presence": torch.nn.Linear(width, len(cfg.shapes)),
-        "where": torch.nn.Linear(width, 2),  # the patch's own (row, column), so position stays readable
     })
+    grid = cfg.grid
+    if recipe.position_target == "classes":
+        heads["row"] = torch.nn.Linear(width, grid)
+        heads["column"] = torch.nn.Linear(width, grid)
+    elif recipe.position_target == "regression":
+        heads["where"] = torch.nn.Linear(width, 2)  # the patch's own (row, column), so position stays readable
+    else:
+        raise ValueError(f"position_target {recipe.position_target!r}: use 'regression' or 'classes'")
     relations = None
     if recipe.vision_relations:
         relations = relation_targets(bank, cfg)
         heads["relation"] = torch.nn.Linear(width, relations.shape[-1])
-    grid = cfg.grid
-    where = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
-    where = (where.reshape(1, grid * grid, 2).float() + 0.5) / grid - 0.5
+    cells = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+    where = (cells.reshape(1, grid * grid, 2).float() + 0.5) / grid - 0.5
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
@@ -241,8 +259,12 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         tokens = tower(pixel_values=normalise(bank.images[idx])).last_hidden_state[:, 1:]
         loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
                 + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
-                + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx])
-                + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1)))
+                + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx]))
+        if recipe.position_target == "classes":
+            for axis, name in enumerate(("row", "column")):
+                loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), cells[:, axis].repeat(len(idx)))
+        else:
+            loss = loss + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1))
         if relations is not None:
             target = relations[idx]
             known = target >= 0
@@ -278,8 +300,8 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = recipe.lr * _schedule(step, steps)
-        mix = task_mix_at(recipe, step)
-        idx, qas = sample_qas(world, bank, mix, rng, recipe.batch)
+        mix, max_objects = curriculum_at(recipe, step)
+        idx, qas = sample_qas(world, bank, mix, rng, recipe.batch, max_objects)
         batch = make_batch(vlm, cache, normalise(bank.images[idx]), qas)
         per_sample = answer_loss(vlm, batch)
         loss = per_sample.mean()
