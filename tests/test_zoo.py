@@ -195,3 +195,17 @@ def test_vision_pretraining_position_targets(tmp_path):
         assert any(not torch.equal(a, b) for a, b in zip(before, model.model.vision_tower.parameters()))
     with pytest.raises(ValueError, match="position_target"):
         pretrain_vision(vlm, replace(base, position_target="polar"), bank, pixel_normaliser(processor), progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_lm_init_std_sets_the_language_model_weights(name):
+    """Recipe.lm_init_std reaches the language model's (BLIP: the text encoder's) initial weights."""
+    from dataclasses import replace
+
+    from vlm_interp.zoo.organisms import build, build_tokenizer
+
+    recipe = replace(RECIPES[name], lm_init_std=0.1)
+    model, _ = build(recipe, build_tokenizer(recipe))
+    lm = {"llava": "model.language_model", "instructblip": "language_model", "blip": "text_encoder"}[recipe.family]
+    weights = [p for n, p in model.get_submodule(lm).named_parameters() if n.endswith(("q_proj.weight", "query.weight"))]
+    assert weights and all(abs(float(w.std()) - 0.1) < 0.01 for w in weights)

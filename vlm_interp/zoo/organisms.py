@@ -143,7 +143,8 @@ def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
         text = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.lm_layers // 2 + 1,
                     num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
                     max_position_embeddings=128, pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"],
-                    sep_token_id=ids["</s>"], eos_token_id=ids["</s>"], label_smoothing=0.0)
+                    sep_token_id=ids["</s>"], eos_token_id=ids["</s>"], label_smoothing=0.0,
+                    initializer_range=recipe.lm_init_std)
         config = tf.BlipConfig(vision_config=vision, text_config=text)
         model = tf.BlipForQuestionAnswering(config)
         images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
