@@ -109,13 +109,10 @@ def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
     fitted["heads-absent"] = HeadScores.load(absent_path)
     # zero-ablation scores on those questions: scaling a head by 0 is exactly that ablation, so damping the
     # heads whose removal raises p(no) moves each toward a measured effect (scales stay in [0, 1])
-    zero_path = work / "heads-absent-zero.nc"
-    if not zero_path.exists():
-        folder = work / "scoring-pope"
-        items = [i for i in read_pope_folder(folder, ["adversarial"]) if i.label == "no"][:n_scores]
-        score_heads(vlm, pope_examples(vlm, folder, items), tower=tower, component=component, ablation="zero",
-                    folder=work / "heads-absent-zero.parts", level="absent objects, zero ablation").save(zero_path)
-    fitted["heads-damp"] = HeadScores.load(zero_path)
+    fitted["heads-damp"] = zero_ablation_scores(vlm, work, "no", n_scores)
+    # the same on the questions about present objects: a head that pushes "yes" on absent partners but is not
+    # needed to say "yes" to what is there carries the prior itself
+    fitted["heads-present"] = zero_ablation_scores(vlm, work, "yes", n_scores)
     if len(scores) > 1:
         fitted["levels"] = compare_levels(scores, k=5)
         plot_head_scores(scores, ROOT / "results" / f"interventions-{name}-head-scores.png")
@@ -129,12 +126,41 @@ def fit(vlm, name: str, work: Path, n_scores: int, n_plan: int) -> dict:
     return fitted
 
 
+def zero_ablation_scores(vlm, work: Path, label: str, n_scores: int) -> HeadScores:
+    """Zero-ablation head scores on the scoring set's adversarial questions with one label (cached)."""
+    stem = {"no": "heads-absent-zero", "yes": "heads-present-zero"}[label]
+    path = work / f"{stem}.nc"
+    if not path.exists():
+        folder = work / "scoring-pope"
+        items = [i for i in read_pope_folder(folder, ["adversarial"]) if i.label == label][:n_scores]
+        tower, component = HEAD_SITES[vlm.family]
+        what = {"no": "absent", "yes": "present"}[label]
+        score_heads(vlm, pope_examples(vlm, folder, items), tower=tower, component=component, ablation="zero",
+                    folder=work / f"{stem}.parts", level=f"{what} objects, zero ablation").save(path)
+    return HeadScores.load(path)
+
+
+def scale_spec(scales: dict[str, float]) -> str:
+    """The ``scale:`` intervention spec of per-site factors."""
+    return "scale:" + "+".join(f"{site}={factor:.6g}" for site, factor in scales.items())
+
+
 def damp_scales(scores: HeadScores, lam: float) -> dict[str, float]:
     """Only damp: scale = clip(1 + lam * min(score, 0) / max|score|, 0, 1) for every head."""
     grid = scores.signed().clip(max=0)
     return {site: min(1.0, scale) for site, scale in v_seam_scales(
         grid, lam, tower=scores.attrs["tower"], component=scores.attrs["component"]).items()} \
         if float(abs(grid).max()) > 0 else {}
+
+
+def prior_scales(absent: HeadScores, present: HeadScores, lam: float) -> dict[str, float]:
+    """Damp the heads that carry the prior: contrast = (rise of p(no) on absent objects when the head is
+    removed) - (fall of p(yes) on present objects when it is removed); heads with a positive contrast get
+    scale = clip(1 - lam * contrast / max contrast, 0, 1), all others stay at 1."""
+    contrast = (-absent.signed() - present.signed()).clip(min=0)
+    if float(contrast.max()) <= 0:
+        return {}
+    return v_seam_scales(-contrast, lam, tower=absent.attrs["tower"], component=absent.attrs["component"])
 
 
 def candidates(vlm, fitted: dict) -> dict[str, dict[float, object]]:
@@ -148,6 +174,10 @@ def candidates(vlm, fitted: dict) -> dict[str, dict[float, object]]:
     out["heads-damp"] = {}
     for lam in GRIDS["heads"]:
         out["heads-damp"][lam] = lambda s=damp_scales(fitted["heads-damp"], lam): modulate_heads(vlm, s)
+    out["heads-prior"] = {}
+    for lam in GRIDS["heads"]:
+        scales = prior_scales(fitted["heads-damp"], fitted["heads-present"], lam)
+        out["heads-prior"][lam] = lambda s=scales: modulate_heads(vlm, s)
     out["heads-absent"] = {}
     for lam in GRIDS["heads"]:
         scales = v_seam_scales(fitted["heads-absent"].signed(), lam, tower=tower, component=component)
@@ -199,8 +229,9 @@ def choose(vlm, name: str, fitted: dict, work: Path, n_images: int) -> tuple[dic
 def spec_for(kind: str, strength: float, work: Path, fitted: dict) -> str:
     """The CLI spec of a chosen intervention (the same text a user passes to --intervention)."""
     if kind == "heads-damp":
-        scales = damp_scales(fitted["heads-damp"], strength)
-        return "scale:" + "+".join(f"{site}={factor:.6g}" for site, factor in scales.items())
+        return scale_spec(damp_scales(fitted["heads-damp"], strength))
+    if kind == "heads-prior":
+        return scale_spec(prior_scales(fitted["heads-damp"], fitted["heads-present"], strength))
     if kind == "heads-absent":
         return f"heads:{work / 'heads-adversarial-absent.nc'},lambda={strength}"
     if kind in ("heads", "heads-wrong"):
@@ -235,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.manual_seed(0)
     work_root = Path(args.work)
-    held_out = pope_set(work_root / "heldout-pope", args.images, EVAL_SEED)
-    report = {"organisms": {}, "command": "python scripts/interventions.py " + " ".join(argv or sys.argv[1:])}
+    held_out = pope_set(work_root / f"heldout-pope-{args.images}", args.images, EVAL_SEED)
+    # organisms not rerun keep their earlier entry (each entry records its own command and held-out size)
+    report_path = ROOT / "results" / "interventions.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"organisms": {}}
+    command = "python scripts/interventions.py " + " ".join(argv or sys.argv[1:])
     for name in args.organisms:
         vlm = vi.load(f"zoo:{name}")
         work = work_root / name
@@ -244,15 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         fitted = fit(vlm, name, work, args.score_examples, args.plan_examples)
         chosen, grid = choose(vlm, name, fitted, work, args.calibration_images)
         specs = {f"{kind}({c['strength']:g})": spec_for(kind, c["strength"], work, fitted) for kind, c in chosen.items()}
-        result = compare([vlm], questions=held_out, out=work / "heldout", splits=SPLITS, max_new_tokens=3,
+        result = compare([vlm], questions=held_out, out=work / f"heldout-{args.images}", splits=SPLITS, max_new_tokens=3,
                          interventions={k: from_spec(v) for k, v in specs.items()})
         chair = {}
         for system, spec in {"none": None, **specs}.items():
             with from_spec(spec)(vlm) if spec else contextlib.nullcontext():
                 _, metrics = run_chair(vlm, held_out / "captions.jsonl", held_out / "images", limit=args.captions)
             chair[system] = metrics
-        negatives = negative_yes(result.table, work / "heldout")
+        negatives = negative_yes(result.table, work / f"heldout-{args.images}")
         report["organisms"][name] = {
+            "command": command, "heldout_images": args.images,
             "negative_yes": negatives.to_dict("records"),
             "chosen": chosen, "specs": specs, "calibration_grid": grid.to_dict("records"),
             "heldout": result.table.to_dict("records"), "tests": result.tests.to_dict("records"), "chair": chair,
@@ -291,9 +326,13 @@ def negative_yes(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
 
 def render(report: dict, discussion: str = "") -> str:
     """The Markdown report: chosen strengths, held-out tables with intervals, paired tests, CHAIR."""
-    lines = ["# Interventions on the model organisms", "", f"Produced by `{report['command']}` (the work folder holds the fitted scores, plans and per-question answers).", "", discussion]
+    lines = ["# Interventions on the model organisms", "", "Produced by `scripts/interventions.py`, one command per "
+             "organism as given below (the work folder holds the fitted scores, plans and per-question answers).",
+             "", discussion]
     for name, r in report["organisms"].items():
-        lines += [f"## {name}", "", "Chosen on the calibration POPE set (first-token answers):", "",
+        lines += [f"## {name}", "", f"`{r.get('command', report.get('command'))}`; held-out POPE and CHAIR on "
+                  f"{r.get('heldout_images', 200)} images of the evaluation seed.", "",
+                  "Chosen on the calibration POPE set (first-token answers):", "",
                   markdown_table(pd.DataFrame(r["calibration_grid"]), ".3f"),
                   "Held-out POPE (generation parsed and first-token logits; 95% bootstrap intervals):", ""]
         table = pd.DataFrame(r["heldout"])
