@@ -35,7 +35,8 @@ def _curriculum(r: dict) -> str:
         return f"first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}"
     stages = []
     for first, mix, *limit in r["curriculum"]:
-        stages.append(f"from {first} {mix}" + (f" (scenes with at most {limit[0]} object{'s' * (limit[0] != 1)})" if limit else ""))
+        few = f" (scenes with at most {limit[0]} object{'s' * (limit[0] != 1)})" if limit else ""
+        stages.append(f"from {first} {mix}{few}")
     return "tasks by step: " + ", ".join(stages)
 
 

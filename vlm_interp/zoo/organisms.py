@@ -38,8 +38,9 @@ class Recipe:
     vision_layers: int = 2
     lm_layers: int = 4
     # Initial weight std of the language model (transformers' initializer_range). 0.02 suits a 4096-wide
-    # LLaMA; at width 128 it leaves attention logits near 0 at the start, so attention learns to pick
-    # out one object only slowly. About 0.02 * sqrt(4096 / width) gives logits of LLaMA's size.
+    # LLaMA; at width 128 it leaves attention logits near 0 at the start, and in our pilots attention then
+    # learnt to pick out the one object a question names only slowly (results/notes/organisms-v3-runs.md).
+    # About 0.02 * sqrt(4096 / width) gives logits of LLaMA's size.
     lm_init_std: float = 0.02
     heads: int = 4
     kv_heads: int = 2
