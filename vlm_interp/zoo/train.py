@@ -32,6 +32,19 @@ from .tasks import QA, make_qa
 VISION_MODULE = {"llava": "model.vision_tower", "instructblip": "vision_model", "blip": "vision_model"}
 
 
+def patch_owners(scene: Scene) -> np.ndarray:
+    """(P,) index of the object that owns each patch (covers over 10% of it, and more than any earlier
+    object does; later objects win ties), -1 for background."""
+    owner = np.full(int(np.prod(scene.grid_shape)), -1)
+    best = np.zeros(owner.shape)
+    for k, o in enumerate(scene.objects):
+        cov = np.asarray(o.patch_coverage, dtype=float).reshape(-1)
+        take = (cov > 0.1) & (cov > best)
+        owner[take] = k
+        best = np.maximum(best, cov)
+    return owner
+
+
 @dataclass
 class SceneBank:
     """Pre-rendered scenes: uint8 images plus per-patch shape/colour targets."""
@@ -53,13 +66,10 @@ class SceneBank:
         color_t = np.zeros((n, grid * grid), np.int64)
         presence = np.zeros((n, len(cfg.shapes)), np.float32)
         for i, s in enumerate(scenes):
-            best = np.zeros(grid * grid)
-            for o in s.objects:
-                cov = np.asarray(o.patch_coverage, dtype=float).reshape(-1)
-                take = (cov > 0.1) & (cov > best)
-                shape_t[i, take] = 1 + cfg.shapes.index(o.shape)
-                color_t[i, take] = 1 + cfg.colors.index(o.color)
-                best = np.maximum(best, cov)
+            owner = patch_owners(s)
+            for k, o in enumerate(s.objects):
+                shape_t[i, owner == k] = 1 + cfg.shapes.index(o.shape)
+                color_t[i, owner == k] = 1 + cfg.colors.index(o.color)
                 presence[i, cfg.shapes.index(o.shape)] = 1.0
         return cls(scenes, torch.from_numpy(images), torch.from_numpy(shape_t), torch.from_numpy(color_t),
                    torch.from_numpy(presence))
@@ -74,13 +84,7 @@ def relation_targets(bank: SceneBank, config) -> torch.Tensor:
     grid, n_shapes = config.grid, len(config.shapes)
     out = np.full((len(bank.scenes), grid * grid, len(RELATIONS) * n_shapes), -1.0, np.float32)
     for i, s in enumerate(bank.scenes):
-        owner = np.full(grid * grid, -1)
-        best = np.zeros(grid * grid)
-        for k, o in enumerate(s.objects):
-            cov = np.asarray(o.patch_coverage, dtype=float).reshape(-1)
-            take = (cov > 0.1) & (cov > best)
-            owner[take] = k
-            best = np.maximum(best, cov)
+        owner = patch_owners(s)
         for k, a in enumerate(s.objects):
             row = np.zeros(len(RELATIONS) * n_shapes, np.float32)
             for m, b in enumerate(s.objects):
