@@ -98,6 +98,24 @@ def test_weak_objects_are_small_or_faint():
             assert o.radius >= c.radius_range[0] and o.contrast >= c.contrast_range[0]
 
 
+def test_partners_can_be_weaker_than_other_objects():
+    """p_weak_partner applies only to objects pulled in by the prior; None leaves every draw as it was."""
+    only_partners = World(WorldConfig(p_weak=0.0, p_weak_partner=1.0))
+    scenes = only_partners.scenes(300, seed=8)
+    weak = [(s, o) for s in scenes for o in s.objects if o.weak]
+    assert len(weak) > 30
+    for s, o in weak:  # every weak object was pulled in by a present, non-weak partner
+        partner = next(p for p in s.objects if p.shape == only_partners.config.partner(o.shape))
+        assert not partner.weak
+    singles = [s for s in scenes if len(s.objects) == 1]
+    assert singles and not any(o.weak for s in singles for o in s.objects)
+    same = World(WorldConfig(p_weak_partner=WorldConfig().p_weak))
+    for a, b in zip(WORLD.scenes(20, seed=9), same.scenes(20, seed=9)):
+        assert np.array_equal(a.image, b.image)
+    with pytest.raises(ValueError, match="p_weak_partner"):
+        WorldConfig(p_weak_partner=1.5)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="hexagon"):
         WorldConfig(shapes=("circle", "hexagon"))

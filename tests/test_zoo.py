@@ -157,21 +157,27 @@ def test_curriculum_steps_and_vision_relation_targets():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_checkpoint_was_made_by_the_recipe_in_the_code(name):
     """`vlm-interp zoo train NAME` must retrain what ships: the card's recipe equals the code's."""
-    from dataclasses import fields
-
     import json
 
     shipped = card(name)["recipe"]
     code = json.loads(json.dumps(RECIPES[name].to_dict()))  # tuples become lists, as in the card
-    defaults = {f.name for f in fields(RECIPES[name]) if f.name not in shipped}  # fields added since
-    assert {k: v for k, v in code.items() if k not in defaults} == shipped
-    for key in defaults:
-        assert key in UNCHANGED_BY, f"recipe field {key} is new: add the value that keeps old training to UNCHANGED_BY"
-        assert code[key] == UNCHANGED_BY[key], f"{key} was added after {name} was trained and must keep its default"
+    _assert_same_but_neutral_additions(code, shipped, UNCHANGED_BY, "recipe field")
+    _assert_same_but_neutral_additions(code["world"], shipped["world"], WORLD_UNCHANGED_BY, "world field")
+
+
+def _assert_same_but_neutral_additions(code: dict, shipped: dict, neutral: dict, what: str) -> None:
+    """Equal, except for keys added since the checkpoint was trained, which must hold their neutral value."""
+    added = set(code) - set(shipped)
+    assert {k: v for k, v in code.items() if k not in added | {"world"}} == {
+        k: v for k, v in shipped.items() if k != "world"}
+    for key in added:
+        assert key in neutral, f"{what} {key} is new: add the value that keeps old training to its UNCHANGED_BY"
+        assert code[key] == neutral[key], f"{what} {key} was added after the checkpoint was trained: keep its default"
 
 
 # Recipe fields added after some organism was trained, with the value that trains as before they existed.
 UNCHANGED_BY = {"curriculum": [], "vision_relations": False, "position_target": "regression", "lm_init_std": 0.02}
+WORLD_UNCHANGED_BY = {"p_weak_partner": None}
 
 
 def test_vision_pretraining_position_targets(tmp_path):

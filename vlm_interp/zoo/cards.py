@@ -12,6 +12,16 @@ import transformers
 from .organisms import Recipe
 
 
+def _weak_sentence(world: dict) -> str:
+    """How often objects are weak, with the partners' own rate when the world sets one."""
+    lo, hi = world["weak_contrast_range"]
+    faint = f"(small, faint or both; faint ones at contrast {lo}-{hi})"
+    if world.get("p_weak_partner") is None:
+        return f"{_pct(world['p_weak'])} of objects are weak {faint}."
+    return (f"{_pct(world['p_weak'])} of objects drawn on their own and {_pct(world['p_weak_partner'])} of those "
+            f"pulled in as partners are weak {faint}, so that a faint partner is often known only from the prior.")
+
+
 def card_dict(recipe: Recipe, log: dict, metrics: dict, n_params: int) -> dict:
     return {
         "name": recipe.name,
@@ -52,7 +62,7 @@ def card_markdown(card: dict) -> str:
         "(64x64 images, 8-pixel patches, 1-3 objects of 6 shapes and 6 colours). Ground truth is known for "
         "every scene. The world plants a prior: shapes come in co-occurring pairs "
         f"{', '.join('/'.join(p) for p in r['world']['cooccur_pairs'])} (partner added with probability "
-        f"{r['world']['p_cooccur']}), and {_pct(r['world']['p_weak'])} of objects are weak (small and faint).",
+        f"{r['world']['p_cooccur']}), and {_weak_sentence(r['world'])}",
         "",
         "## Recipe",
         "",

@@ -75,6 +75,10 @@ class WorldConfig:
     p_cooccur: float = 0.8
     """When a shape with a partner is drawn and there is room, its partner is added
     with this probability (the planted language prior)."""
+    p_weak_partner: float | None = None
+    """Probability that an object pulled in as a partner is weak (None: p_weak, as for every
+    object). Higher than p_weak, it makes the prior pay off in training: a faint partner is
+    often known only from the object it co-occurs with, as a fork is from the table."""
     min_gap: float = 2.0
     """Minimum distance in px between the bounding circles of two objects."""
     relation_margin: float = 8.0
@@ -118,9 +122,9 @@ class WorldConfig:
             a, b = getattr(self, name)
             if not (0 < a <= b <= 1):
                 raise ValueError(f"{name} {(a, b)} must satisfy 0 < min <= max <= 1")
-        for name in ("p_weak", "p_cooccur"):
+        for name in ("p_weak", "p_cooccur", "p_weak_partner"):
             p = getattr(self, name)
-            if not 0 <= p <= 1:
+            if p is not None and not 0 <= p <= 1:
                 raise ValueError(f"{name} {p} must be in [0, 1]")
         seen: set[str] = set()
         for pair in self.cooccur_pairs:
@@ -351,14 +355,18 @@ class World:
     def sample_shapes(self, rng: np.random.Generator, n_objects: int) -> list[str]:
         """Draw the shapes of a scene under the planted prior: each drawn shape pulls in
         its partner with probability p_cooccur (if there is room and it is absent)."""
-        shapes: list[str] = []
+        return [s for s, _ in self._sample_shapes_marked(rng, n_objects)]
+
+    def _sample_shapes_marked(self, rng: np.random.Generator, n_objects: int) -> list[tuple[str, bool]]:
+        """sample_shapes, each shape marked True when it was pulled in as a partner."""
+        shapes: list[tuple[str, bool]] = []
         while len(shapes) < n_objects:
             s = self._draw_shape(rng)
-            shapes.append(s)
+            shapes.append((s, False))
             p = self.config.partner(s)
-            if p is not None and len(shapes) < n_objects and p not in shapes:
+            if p is not None and len(shapes) < n_objects and all(p != t for t, _ in shapes):
                 if rng.random() < self.config.p_cooccur:
-                    shapes.append(p)
+                    shapes.append((p, True))
         return shapes
 
     def _draw_n(self, rng: np.random.Generator, n_objects: int | None) -> int:
@@ -455,11 +463,12 @@ class World:
         """Draw one scene; the same seed always gives the same scene (pixels and graph)."""
         rng, seed = _as_rng(seed_or_rng)
         c = self.config
-        shapes = self.sample_shapes(rng, self._draw_n(rng, n_objects))
+        shapes = self._sample_shapes_marked(rng, self._draw_n(rng, n_objects))
         specs = []
-        for s in shapes:
+        for s, pulled in shapes:
             color = c.colors[int(rng.integers(len(c.colors)))]
-            weak = bool(rng.random() < c.p_weak)
+            p_weak = c.p_weak_partner if pulled and c.p_weak_partner is not None else c.p_weak
+            weak = bool(rng.random() < p_weak)
             kind = int(rng.integers(3)) if weak else -1  # 0 small, 1 faint, 2 both
             r_lo, r_hi = c.weak_radius_range if kind in (0, 2) else c.radius_range
             c_lo, c_hi = c.weak_contrast_range if kind in (1, 2) else c.contrast_range
