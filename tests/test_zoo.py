@@ -215,3 +215,20 @@ def test_lm_init_std_sets_the_language_model_weights(name):
     lm = {"llava": "model.language_model", "instructblip": "language_model", "blip": "text_encoder"}[recipe.family]
     weights = [p for n, p in model.get_submodule(lm).named_parameters() if n.endswith(("q_proj.weight", "query.weight"))]
     assert weights and all(abs(float(w.std()) - 0.1) < 0.01 for w in weights)
+
+
+def test_every_organism_is_measured_on_the_zoo_world():
+    """A recipe may train on its own world; its card numbers still come from the zoo's world (the same
+    benchmark as `vlm-interp compare`), and the card says so."""
+    from dataclasses import replace
+
+    from vlm_interp.zoo.evaluate import evaluate
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
+
+    small = replace(RECIPES["shapes-llava"], world=replace(ORGANISM_WORLD, canvas=32))
+    with pytest.raises(ValueError, match="benchmark world has 64px"):
+        evaluate(None, small, progress=False)
+    for name in SHIPPED:
+        own_world = RECIPES[name].world != ORGANISM_WORLD
+        text = (organism_path(name) / "README.md").read_text()
+        assert ("measured on the zoo's world itself" in text) == own_world, name

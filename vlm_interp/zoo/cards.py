@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import transformers
 
-from .organisms import Recipe
+from .organisms import ORGANISM_WORLD, Recipe
 
 
 def _weak_sentence(world: dict) -> str:
@@ -20,6 +21,15 @@ def _weak_sentence(world: dict) -> str:
         return f"{_pct(world['p_weak'])} of objects are weak {faint}."
     return (f"{_pct(world['p_weak'])} of objects drawn on their own and {_pct(world['p_weak_partner'])} of those "
             f"pulled in as partners are weak {faint}, so that a faint partner is often known only from the prior.")
+
+
+def _benchmark_sentence(world: dict) -> str:
+    """Says so when the organism trained on its own variant of the world it is measured on."""
+    zoo = json.loads(json.dumps(asdict(ORGANISM_WORLD)))
+    if all(zoo.get(k) == v for k, v in world.items()):  # fields newer than the card keep their neutral default
+        return ""
+    return (" This is its own training variant of the zoo's world; like every organism it is measured on the zoo's "
+            f"world itself, where {_weak_sentence(zoo)}")
 
 
 def card_dict(recipe: Recipe, log: dict, metrics: dict, n_params: int) -> dict:
@@ -62,7 +72,7 @@ def card_markdown(card: dict) -> str:
         "(64x64 images, 8-pixel patches, 1-3 objects of 6 shapes and 6 colours). Ground truth is known for "
         "every scene. The world plants a prior: shapes come in co-occurring pairs "
         f"{', '.join('/'.join(p) for p in r['world']['cooccur_pairs'])} (partner added with probability "
-        f"{r['world']['p_cooccur']}), and {_weak_sentence(r['world'])}",
+        f"{r['world']['p_cooccur']}), and {_weak_sentence(r['world'])}" + _benchmark_sentence(r["world"]),
         "",
         "## Recipe",
         "",
@@ -79,12 +89,13 @@ def card_markdown(card: dict) -> str:
         f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "
         f"(warm-up, cosine to 10%); {_curriculum(r)}; {r['train_scenes']} training scenes, seed {r['seed']}",
         f"- prompt template: `{r['template']!r}`",
-        f"- training time on {card['environment']['threads']} CPU threads: "
+        f"- training time on {card['environment']['threads']} CPU thread(s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in t["seconds"].items()),
         "",
         "## Held-out measurements",
         "",
-        "Scenes drawn from seeds disjoint from training. Answers are read from first-token logits over the "
+        "Scenes of the zoo's world, drawn from seeds disjoint from training. Answers are read from first-token "
+        "logits over the "
         "answer set (yes/no, or the six colours).",
         "",
         "| POPE split | accuracy | precision | recall | F1 | yes-ratio | yes-ratio on negatives | n |",

@@ -3,7 +3,9 @@
 Questions are answered by comparing the model's first-token logits over the task's answer
 set (yes/no, or the colours): a closed-vocabulary reading of greedy decoding that cannot
 fail to parse. Scenes come from seeds disjoint from training (training uses ``(seed, i)``
-with the recipe seed; evaluation uses :data:`EVAL_SEED`).
+with the recipe seed; evaluation uses :data:`EVAL_SEED`), and always from the zoo's world
+(``ORGANISM_WORLD``), also for a recipe that trains on its own variant of it, so that every
+card measures the same benchmark as ``vlm-interp compare``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..hallucination.metrics import binary_metrics
 from ..model import VLM
-from .organisms import Recipe
+from .organisms import ORGANISM_WORLD, Recipe
 from .pope import POPE_SPLITS, pope_questions
 from .shapes import Scene, World
 from .tasks import QA, attribute_qa, caption_qa, relation_qa
@@ -57,9 +59,18 @@ def _images(scenes: list[Scene], index: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack([scenes[i].image for i in index]))
 
 
+def _benchmark_world(recipe: Recipe) -> World:
+    """The world every organism is measured on; its images must have the recipe's size."""
+    if (recipe.world.canvas, recipe.world.patch_size) != (ORGANISM_WORLD.canvas, ORGANISM_WORLD.patch_size):
+        raise ValueError(f"{recipe.name} is trained on {recipe.world.canvas}px images with {recipe.world.patch_size}px "
+                         f"patches; the zoo's benchmark world has {ORGANISM_WORLD.canvas}px and "
+                         f"{ORGANISM_WORLD.patch_size}px: keep the training world's canvas and patch size")
+    return World(ORGANISM_WORLD)
+
+
 def evaluate_pope(vlm: VLM, recipe: Recipe, cache: PromptCache, normalise, n_images: int) -> dict:
     """POPE splits on held-out scenes, plus the per-pair view of adversarial negatives."""
-    world = World(recipe.world)
+    world = _benchmark_world(recipe)
     result: dict = {}
     for split in POPE_SPLITS:
         pope = pope_questions(world, n_images, EVAL_SEED, split)
@@ -106,8 +117,8 @@ def _task_questions(world: World, scenes: list[Scene], make, n: int, seed: int) 
 def evaluate(vlm: VLM, recipe: Recipe, n_images: int = 400, n_questions: int = 600, n_captions: int = 100,
              progress: bool = True) -> dict:
     """All card numbers: POPE splits, colour and relation accuracy, caption exact match."""
-    world = World(recipe.world)
-    cache = PromptCache(vlm, recipe.world.canvas)
+    world = _benchmark_world(recipe)
+    cache = PromptCache(vlm, world.config.canvas)
     normalise = pixel_normaliser(vlm.processor)
     scenes = world.scenes(max(n_questions * 2, n_captions), EVAL_SEED + 1)
     steps = tqdm(total=4, desc=f"evaluate {recipe.name}", disable=not progress)

@@ -7,15 +7,16 @@ model and its processor (real transformers classes), ``train.train`` trains it.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from transformers import PreTrainedTokenizerFast
 
 from .shapes import World, WorldConfig
 from .text import train_bpe_tokenizer, world_corpus
 
-# The organisms' world: objects large enough to see on a 64x64 canvas, a fifth of them weak
-# (small and faint), and co-occurring pairs that plant a prior the models can fall back on.
+# The zoo's world: objects large enough to see on a 64x64 canvas, a fifth of them weak (small and
+# faint), and co-occurring pairs that plant a prior the models can fall back on. Every organism is
+# measured on it (cards, POPE sets, compare); a recipe trains on it unless it sets its own world.
 ORGANISM_WORLD = WorldConfig(
     radius_range=(7.0, 11.0),
     weak_radius_range=(4.0, 5.0),
@@ -23,6 +24,11 @@ ORGANISM_WORLD = WorldConfig(
     p_weak=0.2,
     n_objects=(1, 3),
 )
+
+# shapes-llava's training world: weak objects are mostly partners pulled in by the prior, and the faint
+# ones barely visible, so that in training a faint partner's "yes" is often predictable only from the
+# object it co-occurs with (results/notes/organisms-v3-runs.md, session 4, candidate A).
+PRIOR_TRAINING_WORLD = replace(ORGANISM_WORLD, p_weak=0.1, p_weak_partner=0.6, weak_contrast_range=(0.12, 0.25))
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,17 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        # existence alone first: in trials, mixed tasks from the start kept LLaVA's yes/no at the prior.
-        # A candidate v3 (lr 5e-4, curriculum 0: existence; 800: existence .2 / attribute .3 / relation .5;
-        # 2400: the task_mix below) measured POPE 86.8/84.4/80.4, colour 72.7%, relation 49.2%, excess
-        # +12.8 points; it is not shipped (see issue #3), so this recipe stays the one of the checkpoint.
-        Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:", warm_mix={"existence": 1.0}),
+        # Existence alone first (mixed tasks from the start kept LLaVA's yes/no at the prior), then "which
+        # side is the circle on?" on one-object scenes, then the mixed tasks. A larger initial LM weight std
+        # lets attention pick out the object a question names (colour 56.5% -> 89.0%); the training world
+        # keeps the prior alive (results/notes/organisms-v3-runs.md).
+        Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:", world=PRIOR_TRAINING_WORLD,
+               warm_mix={"existence": 1.0}, lm_init_std=0.1, position_target="classes", lr=5e-4,
+               curriculum=((0, {"existence": 1.0}),
+                           (300, {"existence": 0.3, "side": 0.7}, 1),
+                           (600, {"existence": 0.3, "attribute": 0.3, "side": 0.2, "relation_choice": 0.2}),
+                           (1600, {"existence": 0.3, "attribute": 0.25, "relation": 0.25, "side": 0.05,
+                                   "relation_choice": 0.05, "caption": 0.1}))),
         Recipe("shapes-instructblip", "instructblip", "{question}"),
         Recipe("shapes-blip", "blip", "{question}"),
     )
