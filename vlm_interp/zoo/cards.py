@@ -95,8 +95,7 @@ def card_markdown(card: dict) -> str:
         "## Held-out measurements",
         "",
         "Scenes of the zoo's world, drawn from seeds disjoint from training. Answers are read from first-token "
-        "logits over the "
-        "answer set (yes/no, or the six colours).",
+        "logits over the answer set (yes/no, or the six colours).",
         "",
         "| POPE split | accuracy | precision | recall | F1 | yes-ratio | yes-ratio on negatives | n |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
