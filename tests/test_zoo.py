@@ -125,12 +125,14 @@ def test_curriculum_steps_and_vision_relation_targets():
     from dataclasses import replace
 
     from vlm_interp.zoo.tasks import RELATIONS, relation_holds
-    from vlm_interp.zoo.train import curriculum_at, relation_targets, sample_qas, task_mix_at
+    from vlm_interp.zoo.train import curriculum_at, relation_targets, sample_qas
 
     base = RECIPES["shapes-blip"]
-    assert task_mix_at(base, 0) == base.warm_mix and task_mix_at(base, base.warm_steps) == base.task_mix
+    assert curriculum_at(base, 0) == (base.warm_mix, None)
+    assert curriculum_at(base, base.warm_steps) == (base.task_mix, None)
     staged = replace(base, curriculum=((0, {"existence": 1.0}), (10, {"relation": 1.0})))
-    assert task_mix_at(staged, 9) == {"existence": 1.0} and task_mix_at(staged, 10) == {"relation": 1.0}
+    assert curriculum_at(staged, 9) == ({"existence": 1.0}, None)
+    assert curriculum_at(staged, 10) == ({"relation": 1.0}, None)
     world = World(base.world)
     bank = SceneBank.render(world, 30, seed=3, progress=False)
     single = replace(base, curriculum=((0, {"side": 1.0}, 1), (5, {"relation": 1.0})))

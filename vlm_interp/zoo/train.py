@@ -215,11 +215,6 @@ def curriculum_at(recipe: Recipe, step: int) -> tuple[dict[str, float], int | No
     return dict(stage[1]), (stage[2] if len(stage) > 2 else None)
 
 
-def task_mix_at(recipe: Recipe, step: int) -> dict[str, float]:
-    """The task mix that question-answering step ``step`` draws from (see ``Recipe.curriculum``)."""
-    return curriculum_at(recipe, step)[0]
-
-
 def _schedule(step: int, total: int, warmup: int = 100) -> float:
     if step < warmup:
         return (step + 1) / warmup
