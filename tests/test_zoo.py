@@ -127,7 +127,7 @@ def test_curriculum_steps_and_vision_relation_targets():
     from vlm_interp.zoo.tasks import RELATIONS, relation_holds
     from vlm_interp.zoo.train import curriculum_at, relation_targets, sample_qas
 
-    base = RECIPES["shapes-blip"]
+    base = replace(RECIPES["shapes-blip"], curriculum=())  # without a curriculum: warm mix, then task mix
     assert curriculum_at(base, 0) == (base.warm_mix, None)
     assert curriculum_at(base, base.warm_steps) == (base.task_mix, None)
     staged = replace(base, curriculum=((0, {"existence": 1.0}), (10, {"relation": 1.0})))
@@ -183,7 +183,7 @@ WORLD_UNCHANGED_BY = {"p_weak_partner": None}
 
 
 def test_vision_pretraining_position_targets(tmp_path):
-    """Both position targets train the vision tower (loss finite, weights move); an unknown one is refused."""
+    """Every position target trains the vision tower (loss finite, weights move); an unknown one is refused."""
     from dataclasses import replace
 
     from vlm_interp.loading import wrap
@@ -193,7 +193,7 @@ def test_vision_pretraining_position_targets(tmp_path):
     base = replace(RECIPES["shapes-llava"], vision_steps=2, train_scenes=16)
     world = World(base.world)
     bank = SceneBank.render(world, 16, seed=5, progress=False)
-    for target in ("regression", "classes"):
+    for target in ("regression", "classes", "object"):
         recipe = replace(base, position_target=target)
         model, processor = build(recipe, build_tokenizer(recipe))
         vlm = wrap(model, processor, template=recipe.template)
@@ -203,6 +203,25 @@ def test_vision_pretraining_position_targets(tmp_path):
         assert any(not torch.equal(a, b) for a, b in zip(before, model.model.vision_tower.parameters()))
     with pytest.raises(ValueError, match="position_target"):
         pretrain_vision(vlm, replace(base, position_target="polar"), bank, pixel_normaliser(processor), progress=False)
+
+
+def test_patch_home_is_the_owning_objects_centre_cell():
+    """position_target "object": each patch's target is the cell of its owner's centre, background the extra class."""
+    world = World(RECIPES["shapes-llava"].world)
+    bank = SceneBank.render(world, 20, seed=4, progress=False)
+    grid, size = world.config.grid, world.config.patch_size
+    for i, scene in enumerate(bank.scenes):
+        coverage = np.stack([np.asarray(o.patch_coverage, dtype=float).reshape(-1) for o in scene.objects])
+        for p in range(grid * grid):
+            covering = [k for k in range(len(scene.objects)) if coverage[k, p] > 0.1]
+            if not covering:
+                assert bank.patch_home[i, p].tolist() == [grid, grid]
+                continue
+            # owner: the largest coverage, the earlier object on ties (as patch_owners documents)
+            k = max(covering, key=lambda k: (coverage[k, p], -k))
+            o = scene.objects[k]
+            assert bank.patch_home[i, p].tolist() == [int(o.y) // size, int(o.x) // size]
+            assert bank.patch_shape[i, p] == 1 + world.config.shapes.index(o.shape)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

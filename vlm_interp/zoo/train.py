@@ -34,7 +34,7 @@ VISION_MODULE = {"llava": "model.vision_tower", "instructblip": "vision_model", 
 
 def patch_owners(scene: Scene) -> np.ndarray:
     """(P,) index of the object that owns each patch (covers over 10% of it, and more than any earlier
-    object does; later objects win ties), -1 for background."""
+    object does, so on a tie the earlier object keeps it), -1 for background."""
     owner = np.full(int(np.prod(scene.grid_shape)), -1)
     best = np.zeros(owner.shape)
     for k, o in enumerate(scene.objects):
@@ -54,6 +54,7 @@ class SceneBank:
     patch_shape: torch.Tensor  # (N, P) int64, 0 = background, 1 + shape index
     patch_color: torch.Tensor  # (N, P) int64, 0 = background, 1 + colour index
     presence: torch.Tensor  # (N, n_shapes) float
+    patch_home: torch.Tensor  # (N, P, 2) int64: (row, column) cell of the owning object's centre, grid = background
 
     @classmethod
     def render(cls, world: World, n: int, seed: int, progress: bool = True) -> "SceneBank":
@@ -65,14 +66,16 @@ class SceneBank:
         shape_t = np.zeros((n, grid * grid), np.int64)
         color_t = np.zeros((n, grid * grid), np.int64)
         presence = np.zeros((n, len(cfg.shapes)), np.float32)
+        home = np.full((n, grid * grid, 2), grid, np.int64)
         for i, s in enumerate(scenes):
             owner = patch_owners(s)
             for k, o in enumerate(s.objects):
                 shape_t[i, owner == k] = 1 + cfg.shapes.index(o.shape)
                 color_t[i, owner == k] = 1 + cfg.colors.index(o.color)
                 presence[i, cfg.shapes.index(o.shape)] = 1.0
+                home[i, owner == k] = [min(int(o.y // cfg.patch_size), grid - 1), min(int(o.x // cfg.patch_size), grid - 1)]
         return cls(scenes, torch.from_numpy(images), torch.from_numpy(shape_t), torch.from_numpy(color_t),
-                   torch.from_numpy(presence))
+                   torch.from_numpy(presence), torch.from_numpy(home))
 
 
 def relation_targets(bank: SceneBank, config) -> torch.Tensor:
@@ -236,10 +239,13 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
     if recipe.position_target == "classes":
         heads["row"] = torch.nn.Linear(width, grid)
         heads["column"] = torch.nn.Linear(width, grid)
+    elif recipe.position_target == "object":
+        heads["row"] = torch.nn.Linear(width, grid + 1)  # the owning object's centre cell; class grid = background
+        heads["column"] = torch.nn.Linear(width, grid + 1)
     elif recipe.position_target == "regression":
         heads["where"] = torch.nn.Linear(width, 2)  # the patch's own (row, column), so position stays readable
     else:
-        raise ValueError(f"position_target {recipe.position_target!r}: use 'regression' or 'classes'")
+        raise ValueError(f"position_target {recipe.position_target!r}: use 'regression', 'classes' or 'object'")
     relations = None
     if recipe.vision_relations:
         relations = relation_targets(bank, cfg)
@@ -262,6 +268,9 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         if recipe.position_target == "classes":
             for axis, name in enumerate(("row", "column")):
                 loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), cells[:, axis].repeat(len(idx)))
+        elif recipe.position_target == "object":
+            for axis, name in enumerate(("row", "column")):
+                loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), bank.patch_home[idx][..., axis].flatten())
         else:
             loss = loss + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1))
         if relations is not None:
