@@ -7,7 +7,7 @@ the AUROC of its values against the object's patches (from the scene graph). Pro
 
 * causal tracing on LLaVA: restore (clean into noisy) or noise (noisy into clean) one image
   token or a 3x3 neighbourhood of patches at each LM layer and component, and restore one
-  vision-tower patch under noise on the patch embeddings;
+  vision-tower patch or a 3x3 neighbourhood under noise on the patch embeddings;
 * input attributions (the non-causal baselines): captum pixel integrated gradients and patch
   feature ablation, summed onto the same patch grid;
 * InstructBLIP, in Q-Former terms: restore/noise vision patches under noise on the patch
@@ -25,11 +25,13 @@ skips it.)
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +66,8 @@ class Item:
     positions: list[int]  # the positions maps are reported on, one per patch in row-major order
     object_positions: list[int]
     grid: tuple[int, int]
+    partner_positions: list[int] = field(default_factory=list)  # the co-occurrence partner's patches, minus the object's
+    other_positions: list[int] = field(default_factory=list)  # the other objects' patches, minus object and partner
 
 
 @dataclass
@@ -127,7 +131,14 @@ def select(vlm, world: World, n: int, seed: int, max_scenes: int) -> tuple[list[
         if not on:
             skipped["object outside the view"] += 1
             continue
-        items.append(Item([seed, i], k, obj.shape, ex, positions, on, (rows, cols)))
+        partner = world.config.partner(obj.shape)
+        around = {"partner": [], "other": []}
+        for m, o in enumerate(scene.objects):
+            if m != k:
+                around["partner" if o.shape == partner else "other"] += [positions[p] for p in o.patches]
+        partner_on = sorted(set(around["partner"]) - set(on))
+        items.append(Item([seed, i], k, obj.shape, ex, positions, on, (rows, cols), partner_on,
+                          sorted(set(around["other"]) - set(on) - set(partner_on))))
         bar.update()
     bar.close()
     if len(items) < n:
@@ -177,7 +188,7 @@ def llava_probes(vlm, item: Item, ctx: Context) -> Maps:
 
 
 def llava_explore(vlm, item: Item, ctx: Context) -> Maps:
-    """Further LLaVA probes, run on a subset: the noising direction, windows, noise scales, the vision tower."""
+    """Further LLaVA probes, run on a subset: the noising direction, windows, noise scales."""
     ex = item.example
     emb = noise(vlm, ex, scale=ctx.scale, tokens="image", seed=ctx.noise_seed)
     maps = _trace_maps(vlm, item, emb, ["lm.hidden"], "noise 1 patch", direction="noise", ctx=ctx)
@@ -186,10 +197,19 @@ def llava_explore(vlm, item: Item, ctx: Context) -> Maps:
     for scale in ctx.extra.get("scales", ()):
         other = noise(vlm, ex, scale=scale, tokens="image", seed=ctx.noise_seed)
         maps |= _trace_maps(vlm, item, other, ["lm.hidden", "lm.mlp"], f"restore 1 patch [{scale} noise]", ctx=ctx)
-    patches = noise(vlm, ex, scale=ctx.scale, tokens="image", place="patches", seed=ctx.noise_seed)
-    maps |= _trace_maps(vlm, item, patches, ["vision.hidden"], "restore 1 patch [patch-embedding noise]", ctx=ctx)
-    maps |= _trace_maps(vlm, item, patches, ["vision.hidden"], "restore 3x3 [patch-embedding noise]",
-                        neighbourhood=True, ctx=ctx)
+    return maps
+
+
+def llava_vision_probes(vlm, item: Item, ctx: Context) -> Maps:
+    """LLaVA's vision tower: noise on the CLIP patch embeddings (main scale and 10 sd), restore one patch or a
+    3x3 neighbourhood of each vision site."""
+    maps: Maps = {}
+    for scale in dict.fromkeys((ctx.scale, "10sd")):
+        patches = noise(vlm, item.example, scale=scale, tokens="image", place="patches", seed=ctx.noise_seed)
+        sites = ["vision.hidden", "vision.attn", "vision.mlp"]
+        maps |= _trace_maps(vlm, item, patches, sites, f"restore 1 patch [patch-embedding {scale} noise]", ctx=ctx)
+        maps |= _trace_maps(vlm, item, patches, sites, f"restore 3x3 [patch-embedding {scale} noise]",
+                            neighbourhood=True, ctx=ctx)
     return maps
 
 
@@ -287,9 +307,16 @@ def score(items: list[Item], probe: Callable[[object, Item, Context], Maps], vlm
     """AUROC of every map of every example: one row per (example, probe, layer)."""
     rows = []
     for n, item in enumerate(tqdm(items, desc=desc)):
+        # the rest of the image once the object is taken out, to ask where else a map puts its effect
+        rest = [p for p in item.positions if p not in set(item.object_positions)]
+        keep = [item.positions.index(p) for p in rest]
         for (name, layer), values in probe(vlm, item, ctx).items():
             rows.append({"example": n, "scene_seed": item.scene_seed, "shape": item.shape, "probe": name,
-                         "layer": layer, "auroc": map_auroc(values, item.object_positions, item.positions)})
+                         "layer": layer, "auroc": map_auroc(values, item.object_positions, item.positions),
+                         "auroc_partner": map_auroc(values[keep], item.partner_positions, rest)
+                         if item.partner_positions else None,
+                         "auroc_others": map_auroc(values[keep], item.other_positions, rest)
+                         if item.other_positions else None})
     return rows
 
 
@@ -315,30 +342,105 @@ def best_layers(summary: list[dict]) -> list[dict]:
     return sorted(best.values(), key=lambda r: -r["mean"])
 
 
-def table(summary: list[dict]) -> str:
-    """A Markdown table of the summary rows."""
-    lines = ["| probe | layer | mean AUROC | 95% CI | share >= 0.9 | n |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in summary:
-        lines.append(f"| {r['probe'].replace('|', chr(92) + '|')} | {r['layer']} | {r['mean']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
-                     f"{r['share_at_least_0.9']:.2f} | {r['n']} |")
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; '|' inside a cell is escaped."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def table(summary: list[dict]) -> str:
+    """A Markdown table of the summary rows."""
+    return markdown_table(["probe", "layer", "mean AUROC", "95% CI", "share >= 0.9", "n"],
+                          [[r["probe"], r["layer"], f"{r['mean']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                            f"{r['share_at_least_0.9']:.2f}", r["n"]] for r in summary])
+
+
 def run_model(model: str, probes: list[tuple[Callable, int]], args: argparse.Namespace, ctx: Context) -> dict:
-    """Select examples for one organism, run each probe on its first ``limit`` examples, and summarise."""
+    """Select examples for one organism, run each probe on its first ``limit`` examples, and summarise.
+
+    Each probe set's rows are kept in ``OUT/localisation-parts`` under a fingerprint of everything they
+    depend on, so an interrupted or extended study reruns only the sets that are missing."""
     start = time.time()
     vlm = vi.load(model)
     world = world_for(model)
     items, skipped = select(vlm, world, max(limit for _, limit in probes), args.seed, args.max_scenes)
     rows, seconds = [], {}
     for probe, limit in probes:
-        t = time.time()
-        rows += score(items[:limit], probe, vlm, ctx, desc=f"{probe.__name__} {model}")
-        seconds[probe.__name__] = round(time.time() - t, 1)
+        part = Path(args.out) / "localisation-parts" / f"{_slug(model)}-{probe.__name__}.json"
+        key = part_key(model, probe, limit, args, ctx)
+        saved = json.loads(part.read_text()) if part.exists() else None
+        if saved is None or saved["key"] != key:
+            t = time.time()
+            saved = {"key": key, "rows": score(items[:limit], probe, vlm, ctx, desc=f"{probe.__name__} {model}"),
+                     "seconds": round(time.time() - t, 1)}
+            part.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(part, json.dumps(saved))
+        rows += saved["rows"]
+        seconds[probe.__name__] = saved["seconds"]
     summary = summarise(rows, args.n_boot, args.seed)
     return {"model": model, "family": vlm.family, "n_examples": len(items), "skipped": skipped,
             "scenes_seen": sum(skipped.values()) + len(items), "summary": summary, "best": best_layers(summary),
-            "rows": rows, "seconds": round(time.time() - start, 1), "seconds_per_probe_set": seconds}
+            "by_kind": by_kind(rows, world, summary), "rows": rows, "seconds": round(time.time() - start, 1),
+            "seconds_per_probe_set": seconds}
+
+
+def _slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in model)
+
+
+def part_key(model: str, probe: Callable, limit: int, args: argparse.Namespace, ctx: Context) -> dict:
+    """What a probe set's rows depend on: the checkpoint's weights, the examples, the probe function's code and
+    the settings. (Helpers the probe calls and ``score`` are not covered: after changing one, delete the parts
+    it affects from OUT/localisation-parts.)"""
+    from vlm_interp.zoo import organism_path
+
+    weights = sorted(Path(organism_path(model[4:]) if model.startswith("zoo:") else model).glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest() if weights else model
+    code = hashlib.sha256(inspect.getsource(probe).encode()).hexdigest()
+    return {"model": model, "weights": digest, "probe": probe.__name__, "code": code, "limit": limit,
+            "seed": args.seed, "max_scenes": args.max_scenes, "context": asdict(ctx)}
+
+
+def by_kind(rows: list[dict], world: World, summary: list[dict]) -> list[dict]:
+    """Mean AUROC of the best causal probe and of the best attribution baseline (at their best layers) by
+    the kind of example: weak (small or faint) object, its co-occurrence partner in the scene, object count;
+    and, where the rows have them, the AUROC of the same maps against the partner's patches and against the
+    other objects' patches, with the queried object left out (is the effect on the partner, the prior?)."""
+    full = max(r["n"] for r in summary)
+    candidates = [r for r in best_layers(summary) if r["n"] == full]
+    causal = [r for r in candidates if r["layer"] != "input"][:1]
+    baseline = [r for r in candidates if r["layer"] == "input"][:1]
+    out = []
+    for best in causal + baseline:
+        chosen = [r for r in rows if r["probe"] == best["probe"] and r["layer"] == best["layer"]]
+        kinds: dict[tuple[str, str], list[float]] = {}
+        for r in chosen:
+            scene = world.scene(tuple(r["scene_seed"]))
+            obj = next(o for o in scene.objects if o.shape == r["shape"])
+            partner = world.config.partner(obj.shape)
+            for kind in (("object", "weak" if obj.weak else "not weak"),
+                         ("partner", "present" if partner and partner in scene.shape_set() else "absent"),
+                         ("objects in scene", str(len(scene.objects)))):
+                kinds.setdefault(kind, []).append(r["auroc"])
+        for (what, value), aurocs in sorted(kinds.items()):
+            a = np.asarray(aurocs, float)
+            out.append({"probe": best["probe"], "layer": best["layer"], "kind": what, "value": value, "n": len(a),
+                        "mean": float(np.nanmean(a)), "share_at_least_0.9": float(np.mean(a >= 0.9))})
+        for field_, what in (("auroc_partner", "the partner's patches"), ("auroc_others", "other objects' patches")):
+            a = np.asarray([r[field_] for r in chosen if r.get(field_) is not None], float)
+            if len(a):
+                out.append({"probe": best["probe"], "layer": best["layer"], "kind": "AUROC against",
+                            "value": f"{what}, object left out", "n": len(a), "mean": float(np.nanmean(a)),
+                            "share_at_least_0.9": float(np.mean(a >= 0.9))})
+    return out
+
+
+def kind_table(rows: list[dict]) -> str:
+    """A Markdown table of the by-kind rows."""
+    return markdown_table(["probe", "layer", "example kind", "n", "mean AUROC", "share >= 0.9"],
+                          [[r["probe"], r["layer"], f"{r['kind']}: {r['value']}", r["n"], f"{r['mean']:.3f}",
+                            f"{r['share_at_least_0.9']:.2f}"] for r in rows])
 
 
 def markdown(results: list[dict], command: str, ctx: Context, discussion: str) -> str:
@@ -359,6 +461,8 @@ def markdown(results: list[dict], command: str, ctx: Context, discussion: str) -
                   f"({', '.join(f'{k}: {v} s' for k, v in res['seconds_per_probe_set'].items())}); "
                   "`n` in the tables is the number of examples a probe ran on.", "",
                   "Best layer per probe (chosen on these examples):", "", table(res["best"]), "",
+                  "By kind of example, for the best causal probe and the best input attribution on all examples:",
+                  "", kind_table(res["by_kind"]), "",
                   "<details><summary>Every probe and layer</summary>", "", table(res["summary"]), "", "</details>", ""]
     parts += ["## Discussion", "", discussion.strip(), ""]
     return "\n".join(parts)
@@ -397,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                   extra={"seed": args.seed, "scales": [s for s in args.extra_scales.split(",") if s]})
     results = []
     if args.llava != "none":
-        results.append(run_model(args.llava, [(llava_probes, args.limit), (attribution_probes, args.limit),
+        results.append(run_model(args.llava, [(llava_probes, args.limit), (llava_vision_probes, args.limit),
+                                              (attribution_probes, args.limit),
                                               (llava_explore, min(args.explore, args.limit))], args, ctx))
     if args.instructblip != "none":
         results.append(run_model(args.instructblip, [(instructblip_probes, args.limit), (attribution_probes, args.limit),
