@@ -57,6 +57,7 @@ def test_by_kind_groups_the_best_probes_rows_by_object_kind():
     summary = loc.summarise(rows, n_boot=20, seed=0)
     out = loc.by_kind(rows, world, summary)
     assert {r["layer"] for r in out} == {"1"}  # the best layer of the only causal probe
+    assert set(expected) <= {(r["kind"], r["value"]) for r in out}
     for r in out:
         if (r["kind"], r["value"]) in expected:
             want = expected[(r["kind"], r["value"])]
