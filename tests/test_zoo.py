@@ -253,3 +253,19 @@ def test_every_organism_is_measured_on_the_zoo_world():
         own_world = RECIPES[name].world != ORGANISM_WORLD
         text = (organism_path(name) / "README.md").read_text()
         assert ("measured on the zoo's world itself" in text) == own_world, name
+
+
+def test_card_names_the_position_target():
+    """The card's stage-1 line says which position target trained the vision tower."""
+    import json
+
+    from vlm_interp.zoo.cards import card_markdown
+
+    shipped = json.loads(json.dumps(card("shapes-llava")))
+    said = {}
+    for target in ("regression", "classes", "object"):
+        shipped["recipe"]["position_target"] = target
+        said[target] = next(line for line in card_markdown(shipped).splitlines() if "stage 1" in line)
+    assert "each patch's own position" in said["regression"] and "classes" not in said["regression"]
+    assert "each patch's own position (row and column classes)" in said["classes"]
+    assert "the cell of the object's centre" in said["object"]

@@ -81,8 +81,10 @@ def card_markdown(card: dict) -> str:
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
         f"{r['vision_layers']}, LM layers {r['lm_layers']}, LM initial weight std {r.get('lm_init_std', 0.02)}",
         f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, per-patch shape "
-        "and colour classification, shape presence, and each patch's own position"
-        + (" (row and column classes)" if r.get("position_target") == "classes" else "")
+        "and colour classification, shape presence, and "
+        + {"classes": "each patch's own position (row and column classes)",
+           "object": "for each object's patches the cell of the object's centre (row and column classes)"}.get(
+            r.get("position_target"), "each patch's own position")
         + (", and for each object's patches which shapes lie left of / right of / above / below it"
            if r.get("vision_relations") else ""),
         f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",
