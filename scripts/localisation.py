@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -43,6 +44,7 @@ import vlm_interp as vi
 from vlm_interp.corruptions import noise
 from vlm_interp.example import Example
 from vlm_interp.files import atomic_write
+from vlm_interp.hallucination.compare import markdown_table, slug
 from vlm_interp.hallucination.metrics import bootstrap_ci
 from vlm_interp.tracing import trace
 from vlm_interp.tracing.baselines import patch_feature_ablation, patch_grid, patch_positions, pixel_integrated_gradients
@@ -308,7 +310,8 @@ def score(items: list[Item], probe: Callable[[object, Item, Context], Maps], vlm
     rows = []
     for n, item in enumerate(tqdm(items, desc=desc)):
         # the rest of the image once the object is taken out, to ask where else a map puts its effect
-        rest = [p for p in item.positions if p not in set(item.object_positions)]
+        on_object = set(item.object_positions)
+        rest = [p for p in item.positions if p not in on_object]
         keep = [item.positions.index(p) for p in rest]
         for (name, layer), values in probe(vlm, item, ctx).items():
             rows.append({"example": n, "scene_seed": item.scene_seed, "shape": item.shape, "probe": name,
@@ -342,18 +345,16 @@ def best_layers(summary: list[dict]) -> list[dict]:
     return sorted(best.values(), key=lambda r: -r["mean"])
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table; '|' inside a cell is escaped."""
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def table(summary: list[dict]) -> str:
     """A Markdown table of the summary rows."""
-    return markdown_table(["probe", "layer", "mean AUROC", "95% CI", "share >= 0.9", "n"],
-                          [[r["probe"], r["layer"], f"{r['mean']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-                            f"{r['share_at_least_0.9']:.2f}", r["n"]] for r in summary])
+    return _table(["probe", "layer", "mean AUROC", "95% CI", "share >= 0.9", "n"],
+                  [[r["probe"], r["layer"], f"{r['mean']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                    f"{r['share_at_least_0.9']:.2f}", r["n"]] for r in summary])
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    """Rows of pre-formatted cells as a Markdown table, through the project's own table writer."""
+    return markdown_table(pd.DataFrame(rows, columns=header, dtype=object)).rstrip("\n")
 
 
 def run_model(model: str, probes: list[tuple[Callable, int]], args: argparse.Namespace, ctx: Context) -> dict:
@@ -367,7 +368,7 @@ def run_model(model: str, probes: list[tuple[Callable, int]], args: argparse.Nam
     items, skipped = select(vlm, world, max(limit for _, limit in probes), args.seed, args.max_scenes)
     rows, seconds = [], {}
     for probe, limit in probes:
-        part = Path(args.out) / "localisation-parts" / f"{_slug(model)}-{probe.__name__}.json"
+        part = Path(args.out) / "localisation-parts" / f"{slug(model)}-{probe.__name__}.json"
         key = part_key(model, probe, limit, args, ctx)
         saved = json.loads(part.read_text()) if part.exists() else None
         if saved is None or saved["key"] != key:
@@ -383,10 +384,6 @@ def run_model(model: str, probes: list[tuple[Callable, int]], args: argparse.Nam
             "scenes_seen": sum(skipped.values()) + len(items), "summary": summary, "best": best_layers(summary),
             "by_kind": by_kind(rows, world, summary), "rows": rows, "seconds": round(time.time() - start, 1),
             "seconds_per_probe_set": seconds}
-
-
-def _slug(model: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in model)
 
 
 def part_key(model: str, probe: Callable, limit: int, args: argparse.Namespace, ctx: Context) -> dict:
@@ -438,9 +435,9 @@ def by_kind(rows: list[dict], world: World, summary: list[dict]) -> list[dict]:
 
 def kind_table(rows: list[dict]) -> str:
     """A Markdown table of the by-kind rows."""
-    return markdown_table(["probe", "layer", "example kind", "n", "mean AUROC", "share >= 0.9"],
-                          [[r["probe"], r["layer"], f"{r['kind']}: {r['value']}", r["n"], f"{r['mean']:.3f}",
-                            f"{r['share_at_least_0.9']:.2f}"] for r in rows])
+    return _table(["probe", "layer", "example kind", "n", "mean AUROC", "share >= 0.9"],
+                  [[r["probe"], r["layer"], f"{r['kind']}: {r['value']}", r["n"], f"{r['mean']:.3f}",
+                    f"{r['share_at_least_0.9']:.2f}"] for r in rows])
 
 
 def markdown(results: list[dict], command: str, ctx: Context, discussion: str) -> str:

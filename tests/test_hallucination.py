@@ -177,3 +177,14 @@ def test_compare_with_an_intervention_resumes_without_rerunning(tmp_path, pope_f
                     interventions={"damp": damp}, n_boot=20, progress=False)
     assert calls == ["tiny:llava"]  # the finished system was not run (nor its intervention attached) again
     pd.testing.assert_frame_equal(first.table, again.table)
+
+
+def test_markdown_table_formats_floats_and_escapes_pipes():
+    """Hand-written expected table: floats to 3 decimals, a '|' inside a cell escaped so the row keeps its columns."""
+    import pandas as pd
+
+    from vlm_interp.hallucination.compare import markdown_table
+
+    frame = pd.DataFrame({"probe": ["a |effect|", "b"], "mean": [0.12345, 1.0], "n": [3, 40]})
+    assert markdown_table(frame) == ("| probe | mean | n |\n| --- | --- | --- |\n"
+                                     "| a \\|effect\\| | 0.123 | 3 |\n| b | 1.000 | 40 |\n")

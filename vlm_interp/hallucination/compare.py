@@ -55,9 +55,9 @@ def read_pope_folder(folder: "str | Path", splits: Sequence[str] = SPLITS) -> li
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    """A GitHub-style Markdown table (no extra dependency)."""
+    """A GitHub-style Markdown table (no extra dependency); a '|' inside a cell is escaped."""
     def cell(v):
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
+        return (format(v, floatfmt) if isinstance(v, float) else str(v)).replace("|", "\\|")
 
     head = "| " + " | ".join(frame.columns) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
