@@ -269,3 +269,40 @@ def test_card_names_the_position_target():
     assert "each patch's own position" in said["regression"] and "classes" not in said["regression"]
     assert "each patch's own position (row and column classes)" in said["classes"]
     assert "the cell of the object's centre" in said["object"]
+
+
+def test_retrain_runs_on_the_given_threads_and_restores_them(monkeypatch, tmp_path):
+    """The thread count changes the arithmetic of training, so retrain sets it for the run and puts it back,
+    also when training fails."""
+    import vlm_interp.zoo.train as train_module
+
+    seen = []
+
+    def failing_train(recipe, out=None, progress=True):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("training stopped by the test")
+
+    monkeypatch.setattr(train_module, "train", failing_train)
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        train_module.retrain("shapes-blip", tmp_path / "out", threads=wanted, progress=False)
+    assert seen == [wanted] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="at least 1"):
+        train_module.retrain("shapes-blip", tmp_path / "out", threads=0, progress=False)
+
+
+@pytest.mark.parametrize("flag, expected", [([], "card"), (["--threads", "3"], 3)])
+def test_zoo_train_defaults_to_the_shipped_thread_count(monkeypatch, tmp_path, capsys, flag, expected):
+    """`vlm-interp zoo train NAME` repeats the shipped run: same thread count as the card, unless told."""
+    import vlm_interp.zoo.train as train_module
+    from vlm_interp.cli import main
+
+    calls = []
+    monkeypatch.setattr(train_module, "retrain", lambda name, out, **kw: calls.append(kw) or {})
+    assert main(["zoo", "train", "shapes-llava", "--no-eval", "--out", str(tmp_path / "o"), *flag]) == 0
+    want = card("shapes-llava")["environment"]["threads"] if expected == "card" else expected
+    assert calls[0]["threads"] == want
+    assert ("as the shipped shapes-llava was" in capsys.readouterr().out) == (expected == "card")
+    with pytest.raises(KeyError, match="unknown organism"):
+        main(["zoo", "train", "shapes-gpt", "--no-eval"])

@@ -98,10 +98,19 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 
 def _zoo_train(args: argparse.Namespace) -> int:
+    from vlm_interp.zoo import card as zoo_card
+    from vlm_interp.zoo.organisms import get_recipe
     from vlm_interp.zoo.train import retrain
 
+    get_recipe(args.name)  # unknown names fail here, with the list of organisms
+    threads = args.threads
+    if threads is None:
+        threads = zoo_card(args.name).get("environment", {}).get("threads")  # repeat the shipped run
+        if threads is not None:
+            print(f"training on {threads} CPU thread(s), as the shipped {args.name} was (--threads to change)")
     card = retrain(args.name, Path(args.out or args.name), seed=args.seed, vqa_steps=args.steps,
-                   vision_steps=args.vision_steps, train_scenes=args.scenes, evaluate_after=not args.no_eval)
+                   vision_steps=args.vision_steps, train_scenes=args.scenes, evaluate_after=not args.no_eval,
+                   threads=threads)
     print(f"wrote {args.out or args.name}")
     if card:
         from vlm_interp.zoo.cards import card_markdown
@@ -337,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--vision-steps", type=int, help="override the number of vision pretraining steps")
     zt.add_argument("--scenes", type=int, help="override the number of training scenes")
     zt.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and the card")
+    zt.add_argument("--threads", type=int,
+                    help="torch CPU threads (default: as many as the shipped checkpoint was trained with, which "
+                         "repeats it; another count gives a different run of the same recipe)")
     zt.set_defaults(run=_zoo_train)
     tr = sub.add_parser("trace", help="causal tracing of one example: corrupt, restore each site, plot the effects")
     tr.add_argument("--model", default=DEFAULT_MODEL)

@@ -378,8 +378,11 @@ def train(recipe: Recipe, out: Path | None = None, vision_steps: int | None = No
 
 def retrain(name: str, out: Path, seed: int | None = None, vqa_steps: int | None = None,
             vision_steps: int | None = None, train_scenes: int | None = None, evaluate_after: bool = True,
-            progress: bool = True) -> dict:
-    """Train organism ``name`` into ``out``, measure it on held-out scenes and write its card."""
+            progress: bool = True, threads: int | None = None) -> dict:
+    """Train organism ``name`` into ``out``, measure it on held-out scenes and write its card.
+
+    ``threads`` sets torch's CPU threads for the run (restored afterwards): the arithmetic, and so the
+    trained organism, depends on it, so the shipped checkpoint is repeated only with the count its card records."""
     from dataclasses import replace
 
     from .cards import card_dict, write_card
@@ -390,10 +393,18 @@ def retrain(name: str, out: Path, seed: int | None = None, vqa_steps: int | None
     changes = {k: v for k, v in {"seed": seed, "vqa_steps": vqa_steps, "vision_steps": vision_steps,
                                   "train_scenes": train_scenes}.items() if v is not None}
     recipe = replace(recipe, **changes)
-    vlm, log = train(recipe, out=Path(out), progress=progress)
-    if not evaluate_after:
-        return {}
-    metrics = evaluate(vlm, recipe, progress=progress)
-    card = card_dict(recipe, log, metrics, sum(p.numel() for p in vlm.model.parameters()))
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads {threads} must be at least 1")
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        vlm, log = train(recipe, out=Path(out), progress=progress)
+        if not evaluate_after:
+            return {}
+        metrics = evaluate(vlm, recipe, progress=progress)
+        card = card_dict(recipe, log, metrics, sum(p.numel() for p in vlm.model.parameters()))
+    finally:
+        torch.set_num_threads(before)
     write_card(Path(out), card)
     return card
