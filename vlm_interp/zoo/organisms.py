@@ -90,8 +90,8 @@ class Recipe:
 # The knobs that made shapes-llava bind (results/notes/organisms-v3-runs.md): existence alone first (mixed
 # tasks from the start kept LLaVA's yes/no at the prior), then "which side is the circle on?" on one-object
 # scenes, then the mixed tasks; a larger initial LM weight std, so that attention can pick out the object a
-# question names (shapes-llava's colour 56.5% -> 89.0%, shapes-blip's 74.3% -> 87.7%; one seed each, and
-# seed 1 of shapes-llava's recipe binds less: colour 67.2%); position as row and
+# question names (shapes-llava's colour 56.5% -> 89.0%, shapes-blip's 74.3% -> 87.7%; one run each: other runs
+# of shapes-llava's recipe bind less, colour 67.2% with seed 1, 73.3% on two threads); position as row and
 # column classes; and the training world that keeps the prior alive.
 BINDING_KNOBS = dict(
     world=PRIOR_TRAINING_WORLD, lm_init_std=0.1, position_target="classes", lr=5e-4,
