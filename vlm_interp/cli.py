@@ -99,10 +99,8 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 def _zoo_train(args: argparse.Namespace) -> int:
     from vlm_interp.zoo import card as zoo_card
-    from vlm_interp.zoo.organisms import get_recipe
     from vlm_interp.zoo.train import retrain
 
-    get_recipe(args.name)  # unknown names fail here, with the list of organisms
     threads = args.threads
     if threads is None:
         threads = zoo_card(args.name).get("environment", {}).get("threads")  # repeat the shipped run

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .organisms import RECIPES
+from .organisms import RECIPES, get_recipe
 
 ORGANISM_DIR = Path(__file__).parent / "checkpoints"
 
@@ -28,10 +28,11 @@ def organism_path(name: str) -> Path:
 
 
 def card(name: str) -> dict:
-    """The organism's model card (JSON), or a stub saying it is not trained."""
+    """The organism's model card (JSON), or a stub saying it is not trained; unknown names are an error."""
+    recipe = get_recipe(name)
     path = ORGANISM_DIR / name / "card.json"
     if not path.exists():
-        return {"name": name, "trained": False, "recipe": RECIPES[name].to_dict()}
+        return {"name": name, "trained": False, "recipe": recipe.to_dict()}
     return json.loads(path.read_text())
 
 
