@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vlm_interp.files import atomic_write
 from vlm_interp.loading import wrap
 from vlm_interp.zoo.oracle import OracleVision, patch_code
 from vlm_interp.zoo.organisms import build, build_tokenizer, get_recipe
@@ -123,11 +122,7 @@ def main() -> None:
               "seconds": round(time.time() - t0), "recipe": "shapes-llava", "threads": args.threads}
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"oracle_binding-{args.features}.json"
-    fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".oracle_binding-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, target)
+    atomic_write(args.out / f"oracle_binding-{args.features}.json", json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

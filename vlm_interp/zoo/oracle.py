@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..model import VLM
 from .shapes import WorldConfig
-from .train import VISION_MODULE, SceneBank
+from .train import VISION_MODULE, SceneBank, grid_cells
 
 
 def patch_code(bank: SceneBank, index: Sequence[int] | torch.Tensor, config: WorldConfig, width: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def patch_code(bank: SceneBank, index: Sequence[int] | torch.Tensor, config: Wor
     used = n_shapes + n_colors + 2 * grid
     if used > width:
         raise ValueError(f"the code needs {used} dimensions, the tower is {width} wide")
-    cells = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+    cells = grid_cells(grid)
     parts = [F.one_hot(bank.patch_shape[index], n_shapes), F.one_hot(bank.patch_color[index], n_colors),
              F.one_hot(cells[:, 0], grid).expand(len(index), -1, -1),
              F.one_hot(cells[:, 1], grid).expand(len(index), -1, -1)]

@@ -225,6 +225,11 @@ def _schedule(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def grid_cells(grid: int) -> torch.Tensor:
+    """(grid * grid, 2) the (row, column) of every patch, in the tower's patch order."""
+    return torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+
+
 def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progress: bool = True) -> list[float]:
     """Stage 1: per-patch shape and colour classification plus shape presence on the vision tower."""
     tower = vlm.model.get_submodule(VISION_MODULE[vlm.family])
@@ -250,7 +255,7 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
     if recipe.vision_relations:
         relations = relation_targets(bank, cfg)
         heads["relation"] = torch.nn.Linear(width, relations.shape[-1])
-    cells = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+    cells = grid_cells(grid)
     where = (cells.reshape(1, grid * grid, 2).float() + 0.5) / grid - 0.5
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.01)
