@@ -178,7 +178,8 @@ def _assert_same_but_neutral_additions(code: dict, shipped: dict, neutral: dict,
 
 
 # Recipe fields added after some organism was trained, with the value that trains as before they existed.
-UNCHANGED_BY = {"curriculum": [], "vision_relations": False, "position_target": "regression", "lm_init_std": 0.02}
+UNCHANGED_BY = {"curriculum": [], "vision_relations": False, "position_target": "regression", "lm_init_std": 0.02,
+                "vision_output": "heads", "projector_act": "gelu", "code_min_contrast": 0.0}
 WORLD_UNCHANGED_BY = {"p_weak_partner": None}
 
 
@@ -190,7 +191,8 @@ def test_vision_pretraining_position_targets(tmp_path):
     from vlm_interp.zoo.organisms import build, build_tokenizer
     from vlm_interp.zoo.train import pretrain_vision
 
-    base = replace(RECIPES["shapes-llava"], vision_steps=2, train_scenes=16)
+    base = replace(RECIPES["shapes-llava"], vision_output="heads", projector_act="gelu", vision_steps=2,
+                   train_scenes=16)
     world = World(base.world)
     bank = SceneBank.render(world, 16, seed=5, progress=False)
     for target in ("regression", "classes", "object"):
@@ -203,6 +205,124 @@ def test_vision_pretraining_position_targets(tmp_path):
         assert any(not torch.equal(a, b) for a, b in zip(before, model.model.vision_tower.parameters()))
     with pytest.raises(ValueError, match="position_target"):
         pretrain_vision(vlm, replace(base, position_target="polar"), bank, pixel_normaliser(processor), progress=False)
+
+
+def _code_recipe_and_model(**changes):
+    from dataclasses import replace
+
+    from vlm_interp.loading import wrap
+    from vlm_interp.zoo.organisms import build, build_tokenizer
+
+    recipe = replace(RECIPES["shapes-llava"], vision_output="code", projector_act="sigmoid", vision_steps=2,
+                     vqa_steps=2, train_scenes=16, **changes)
+    model, processor = build(recipe, build_tokenizer(recipe))
+    return recipe, wrap(model, processor, template=recipe.template), processor
+
+
+def test_code_stage_trains_the_code_layer_and_question_answering_leaves_it_alone():
+    """vision_output "code": stage 1 moves the tower and the projector's first layer, not its second; question
+    answering then moves the second layer and the LM, not the tower or the first layer, and leaves them trainable."""
+    from vlm_interp.zoo.train import pretrain_vision, train_vqa
+
+    recipe, vlm, processor = _code_recipe_and_model()
+    world = World(recipe.world)
+    bank = SceneBank.render(world, 16, seed=5, progress=False)
+    normalise = pixel_normaliser(processor)
+    parts = {"tower": vlm.model.model.vision_tower, "code": vlm.model.model.multi_modal_projector.linear_1,
+             "second": vlm.model.model.multi_modal_projector.linear_2, "lm": vlm.model.model.language_model}
+
+    def moved(before):
+        return {k: any(not torch.equal(a, b) for a, b in zip(before[k], m.parameters())) for k, m in parts.items()}
+
+    def snapshot():
+        return {k: [p.detach().clone() for p in m.parameters()] for k, m in parts.items()}
+
+    before = snapshot()
+    assert all(np.isfinite(pretrain_vision(vlm, recipe, bank, normalise, progress=False)))
+    assert moved(before) == {"tower": True, "code": True, "second": False, "lm": False}
+    before = snapshot()
+    train_vqa(vlm, recipe, world, bank, normalise, progress=False)
+    assert moved(before) == {"tower": False, "code": False, "second": True, "lm": True}
+    assert all(p.requires_grad for p in vlm.model.parameters())
+
+
+def test_scene_code_loss_against_a_plain_loop():
+    """The stage-1 code loss: per block cross-entropy, per dimension binary cross-entropy onto the one-hot code,
+    and the squared sigmoid of the unused dimensions, recomputed patch by patch with math."""
+    import math
+
+    from vlm_interp.zoo.scene_code import code_slices, code_targets
+    from vlm_interp.zoo.train import scene_code_loss
+
+    config = RECIPES["shapes-llava"].world
+    bank = SceneBank.render(World(config), 3, seed=2, progress=False)
+    targets = code_targets(bank, torch.tensor([0, 2]), config)
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(2, config.grid ** 2, 40, generator=gen, dtype=torch.float64) * 2
+    slices = code_slices(config)
+    used = slices["column"].stop
+    ce = bce = rest = 0.0
+    n = 2 * config.grid ** 2
+    for b in range(2):
+        for p in range(config.grid ** 2):
+            hot = set()
+            for name, sl in slices.items():
+                logits = pre[b, p, sl].tolist()
+                right = int(targets[name][b, p])
+                ce += (math.log(sum(math.exp(v) for v in logits)) - logits[right]) / n
+                hot.add(sl.start + right)
+            for d in range(40):
+                x = float(pre[b, p, d])
+                prob = 1 / (1 + math.exp(-x))
+                bce += -math.log(prob if d in hot else 1 - prob)
+                if d >= used:
+                    rest += prob ** 2
+    want = ce + rest / (n * (40 - used)) + bce / (n * 40) * 40 / 4
+    assert float(scene_code_loss(pre, targets, config)) == pytest.approx(want, rel=1e-9)
+
+
+def test_faint_objects_are_background_in_the_code_targets():
+    """code_min_contrast: the patches an object fainter than it covers most are background, and its shape is not
+    counted present; every other object keeps its patches and its presence."""
+    from vlm_interp.zoo.organisms import PRIOR_TRAINING_WORLD
+    from vlm_interp.zoo.train import faint_patches, visible_presence
+
+    world = World(PRIOR_TRAINING_WORLD)
+    bank = SceneBank.render(world, 60, seed=3, progress=False)
+    faint, present = faint_patches(bank, 0.3), visible_presence(bank, world.config, 0.3)
+    seen_faint = 0
+    for i, scene in enumerate(bank.scenes):
+        shapes_seen = {o.shape for o in scene.objects if o.contrast >= 0.3}
+        assert {s for k, s in enumerate(world.config.shapes) if present[i, k]} == shapes_seen
+        for p in range(world.config.grid ** 2):
+            cover = [float(np.asarray(o.patch_coverage, dtype=float).reshape(-1)[p]) for o in scene.objects]
+            best = max(range(len(cover)), key=lambda k: (cover[k], -k))
+            owned = cover[best] > 0.1
+            assert bool(faint[i, p]) == (owned and scene.objects[best].contrast < 0.3)
+            seen_faint += bool(faint[i, p])
+    assert seen_faint > 0  # the world has faint objects, so the check above saw both cases
+    assert not faint_patches(bank, 0.0).any() and torch.equal(visible_presence(bank, world.config, 0.0), bank.presence)
+
+
+def test_code_stage_refuses_what_it_cannot_train():
+    """A GELU code, a model without a LLaVA projector, and an unknown vision_output are clear errors."""
+    from dataclasses import replace
+
+    from vlm_interp.loading import wrap
+    from vlm_interp.zoo.organisms import build, build_tokenizer
+    from vlm_interp.zoo.train import pretrain_vision
+
+    recipe, vlm, processor = _code_recipe_and_model()
+    bank = SceneBank.render(World(recipe.world), 4, seed=5, progress=False)
+    normalise = pixel_normaliser(processor)
+    with pytest.raises(ValueError, match="projector_act='sigmoid'"):
+        pretrain_vision(vlm, replace(recipe, projector_act="gelu"), bank, normalise, progress=False)
+    with pytest.raises(ValueError, match="use 'heads' or 'code'"):
+        pretrain_vision(vlm, replace(recipe, vision_output="patches"), bank, normalise, progress=False)
+    blip = replace(RECIPES["shapes-blip"], vision_output="code", projector_act="sigmoid", vision_steps=1)
+    model, blip_processor = build(blip, build_tokenizer(blip))
+    with pytest.raises(ValueError, match="no projector layer for the scene code"):
+        pretrain_vision(wrap(model, blip_processor, template=blip.template), blip, bank, normalise, progress=False)
 
 
 def test_patch_home_is_the_owning_objects_centre_cell():
@@ -262,6 +382,7 @@ def test_card_names_the_position_target():
     from vlm_interp.zoo.cards import card_markdown
 
     shipped = json.loads(json.dumps(card("shapes-llava")))
+    shipped["recipe"]["vision_output"] = "heads"
     said = {}
     for target in ("regression", "classes", "object"):
         shipped["recipe"]["position_target"] = target
@@ -269,6 +390,9 @@ def test_card_names_the_position_target():
     assert "each patch's own position" in said["regression"] and "classes" not in said["regression"]
     assert "each patch's own position (row and column classes)" in said["classes"]
     assert "the cell of the object's centre" in said["object"]
+    shipped["recipe"].update(vision_output="code", projector_act="sigmoid")
+    line = next(line for line in card_markdown(shipped).splitlines() if "stage 1" in line)
+    assert "hidden activation (sigmoid) is the scene code" in line and "classes" not in line
 
 
 def test_retrain_runs_on_the_given_threads_and_restores_them(monkeypatch, tmp_path):

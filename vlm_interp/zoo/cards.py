@@ -50,6 +50,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _stage1(r: dict) -> str:
+    """What stage 1 trained the vision tower for, in words."""
+    if r.get("vision_output", "heads") == "code":
+        return ("the tower and the projector's first layer together, so that the projector's hidden activation "
+                f"({r.get('projector_act')}) is the scene code: per patch a one-hot of the shape and colour of the "
+                "object covering it (or background), of its row and of its column, the other dimensions near 0; "
+                "plus shape presence. Both stay frozen during question answering")
+    return ("per-patch shape and colour classification, shape presence, and "
+            + {"classes": "each patch's own position (row and column classes)",
+               "object": "for each object's patches the cell of the object's centre (row and column classes)"}.get(
+                r.get("position_target"), "each patch's own position")
+            + (", and for each object's patches which shapes lie left of / right of / above / below it"
+               if r.get("vision_relations") else ""))
+
+
 def _curriculum(r: dict) -> str:
     if not r.get("curriculum"):
         return f"first {r['warm_steps']} steps on {r['warm_mix']}, then {r['task_mix']}"
@@ -80,13 +95,7 @@ def card_markdown(card: dict) -> str:
         "template and English filler",
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
         f"{r['vision_layers']}, LM layers {r['lm_layers']}, LM initial weight std {r.get('lm_init_std', 0.02)}",
-        f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, per-patch shape "
-        "and colour classification, shape presence, and "
-        + {"classes": "each patch's own position (row and column classes)",
-           "object": "for each object's patches the cell of the object's centre (row and column classes)"}.get(
-            r.get("position_target"), "each patch's own position")
-        + (", and for each object's patches which shapes lie left of / right of / above / below it"
-           if r.get("vision_relations") else ""),
+        f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, " + _stage1(r),
         f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",
         f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "
         f"(warm-up, cosine to 10%); {_curriculum(r)}; {r['train_scenes']} training scenes, seed {r['seed']}",

@@ -7,32 +7,11 @@ relations, with the trained tower it does not (results/notes/organisms-v3-runs.m
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
-import torch.nn.functional as F
 
 from ..model import VLM
-from .shapes import WorldConfig
-from .train import VISION_MODULE, SceneBank, grid_cells
-
-
-def patch_code(bank: SceneBank, index: Sequence[int] | torch.Tensor, config: WorldConfig, width: int) -> torch.Tensor:
-    """(len(index), 1 + patches, width): a zero row for the CLS token, then for every patch the one-hot shape
-    of the object that owns it (class 0 = background), its colour (0 = background), its own row and its own
-    column, and zeros in the remaining dimensions."""
-    index = torch.as_tensor(index, dtype=torch.long)
-    grid, n_shapes, n_colors = config.grid, len(config.shapes) + 1, len(config.colors) + 1
-    used = n_shapes + n_colors + 2 * grid
-    if used > width:
-        raise ValueError(f"the code needs {used} dimensions, the tower is {width} wide")
-    cells = grid_cells(grid)
-    parts = [F.one_hot(bank.patch_shape[index], n_shapes), F.one_hot(bank.patch_color[index], n_colors),
-             F.one_hot(cells[:, 0], grid).expand(len(index), -1, -1),
-             F.one_hot(cells[:, 1], grid).expand(len(index), -1, -1)]
-    code = torch.zeros(len(index), 1 + grid * grid, width)
-    code[:, 1:, :used] = torch.cat(parts, -1).float()
-    return code
+from .scene_code import patch_code
+from .train import VISION_MODULE
 
 
 class OracleVision:

@@ -62,6 +62,22 @@ class Recipe:
     # "object": each patch of an object classifies the cell of that object's centre and background patches
     # a "none" class, so position becomes an attribute of the object, like its colour.
     position_target: str = "regression"
+    # What stage 1 trains the tower for. "heads": linear heads on the tower's tokens classify each patch's shape,
+    # colour and position. "code" (LLaVA only): the tower and the projector's first layer are trained together
+    # so that the projector's hidden activation is the scene code (scene_code.py: one-hot shape, colour, row
+    # and column per patch, the other dimensions near 0); both stay frozen afterwards, and question answering
+    # trains the projector's second layer and the LM. A language model learns to pick out the object a side or
+    # relation question names from such a code, and not from the "heads" tower's features
+    # (results/notes/organisms-v3-runs.md, sessions 7 and 8).
+    vision_output: str = "heads"
+    # The projector's activation (LlavaConfig.projector_hidden_act). "sigmoid" bounds the "code" to [0, 1], so
+    # every patch's code has the same size; a GELU code's values vary with the classifier's confidence, and
+    # with such a code the LM did not learn to pick out the named object (notes, session 8).
+    projector_act: str = "gelu"
+    # "code" only: objects fainter than this contrast are background in the stage-1 code, as annotations skip
+    # what annotators cannot see. The tower then cannot tell a faint object from none, and a question about a
+    # faint partner is answerable only from the co-occurrence prior: that is where the planted prior acts.
+    code_min_contrast: float = 0.0
     # As in LLaVA, the pretrained vision tower stays frozen while the rest learns to answer.
     freeze_vision: bool = True
     vqa_steps: int = 4000
@@ -102,11 +118,24 @@ BINDING_KNOBS = dict(
                         "relation_choice": 0.05, "caption": 0.1})),
 )
 
+# shapes-llava's vision features are the scene code (Recipe.vision_output), and its curriculum asks where a
+# named object is on scenes of every size before relations: with the code's oracle in place of the tower, a
+# language model learnt relations only after it had learnt that (notes, sessions 7 and 8).
+CODE_KNOBS = dict(
+    vision_output="code", projector_act="sigmoid", vision_steps=3000, code_min_contrast=0.3,
+    curriculum=((0, {"existence": 1.0}),
+                (200, {"existence": 0.25, "attribute": 0.25, "side": 0.5}),
+                (1400, {"existence": 0.15, "attribute": 0.1, "relation": 0.35, "relation_choice": 0.2, "side": 0.15,
+                        "caption": 0.05}),
+                (3000, {"existence": 0.3, "attribute": 0.2, "relation": 0.25, "relation_choice": 0.05, "side": 0.05,
+                        "caption": 0.15})),
+)
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:", warm_mix={"existence": 1.0},
-               **BINDING_KNOBS),
+               **{**BINDING_KNOBS, **CODE_KNOBS}),
         Recipe("shapes-instructblip", "instructblip", "{question}"),
         Recipe("shapes-blip", "blip", "{question}", **BINDING_KNOBS),
     )
@@ -145,7 +174,8 @@ def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
     if recipe.family == "llava":
         config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**llama),
                                 image_token_index=ids["<image>"], vision_feature_layer=-1,
-                                vision_feature_select_strategy="default", projector_hidden_act="gelu")
+                                vision_feature_select_strategy="default",
+                                projector_hidden_act=recipe.projector_act)
         model = tf.LlavaForConditionalGeneration(config)
         images = tf.CLIPImageProcessorPil(size={"shortest_edge": canvas}, crop_size={"height": canvas, "width": canvas})
         processor = tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..loading import wrap
 from ..model import VLM
 from .organisms import Recipe, build, build_tokenizer
+from .scene_code import code_slices, code_targets, grid_cells
 from .shapes import Scene, World
 from .tasks import QA, make_qa
 
@@ -43,6 +44,27 @@ def patch_owners(scene: Scene) -> np.ndarray:
         owner[take] = k
         best = np.maximum(best, cov)
     return owner
+
+
+def faint_patches(bank: "SceneBank", min_contrast: float) -> torch.Tensor:
+    """(N, P) bool: the patches owned (as in ``patch_owners``) by an object of contrast below ``min_contrast``."""
+    out = torch.zeros(bank.patch_shape.shape, dtype=torch.bool)
+    for i, scene in enumerate(bank.scenes):
+        owner = patch_owners(scene)
+        for k, o in enumerate(scene.objects):
+            if o.contrast < min_contrast:
+                out[i, torch.from_numpy(owner == k)] = True
+    return out
+
+
+def visible_presence(bank: "SceneBank", config, min_contrast: float) -> torch.Tensor:
+    """(N, n_shapes) float: which shapes the scene holds at contrast ``min_contrast`` or more."""
+    out = torch.zeros(bank.presence.shape)
+    for i, scene in enumerate(bank.scenes):
+        for o in scene.objects:
+            if o.contrast >= min_contrast:
+                out[i, config.shapes.index(o.shape)] = 1.0
+    return out
 
 
 @dataclass
@@ -225,39 +247,74 @@ def _schedule(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def grid_cells(grid: int) -> torch.Tensor:
-    """(grid * grid, 2) the (row, column) of every patch, in the tower's patch order."""
-    return torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+# The layer whose activation is the scene code when a recipe's vision_output is "code".
+CODE_LAYER = {"llava": "model.multi_modal_projector.linear_1"}
+
+
+def code_layer(vlm: VLM) -> torch.nn.Linear:
+    """The projector layer that stage 1 trains, with the tower, to emit the scene code ("code" recipes)."""
+    if vlm.family not in CODE_LAYER:
+        raise ValueError(f"a {vlm.family!r} model has no projector layer for the scene code; vision_output='code' "
+                         f"is for {sorted(CODE_LAYER)} (use vision_output='heads')")
+    return vlm.model.get_submodule(CODE_LAYER[vlm.family])
+
+
+def scene_code_loss(pre: torch.Tensor, targets: dict[str, torch.Tensor], config) -> torch.Tensor:
+    """How far sigmoid(``pre``) (batch, patches, width) is from the scene code: cross-entropy within each
+    one-hot block, binary cross-entropy on every dimension (the blocks' one-hots, 0 elsewhere), and the
+    squared activation of the dimensions outside the blocks."""
+    slices = code_slices(config)
+    code = torch.zeros_like(pre)
+    loss = pre.new_zeros(())
+    for name, sl in slices.items():
+        loss = loss + F.cross_entropy(pre[..., sl].flatten(0, 1), targets[name].flatten())
+        code[..., sl] = F.one_hot(targets[name], sl.stop - sl.start).float()
+    rest = slice(slices["column"].stop, None)
+    loss = loss + torch.sigmoid(pre[..., rest]).pow(2).mean()
+    return loss + F.binary_cross_entropy_with_logits(pre, code) * pre.shape[-1] / 4
 
 
 def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progress: bool = True) -> list[float]:
-    """Stage 1: per-patch shape and colour classification plus shape presence on the vision tower."""
+    """Stage 1: per-patch shape and colour classification plus shape presence on the vision tower; with
+    ``recipe.vision_output == "code"`` the projector's first layer learns, with the tower, to emit the scene code."""
     tower = vlm.model.get_submodule(VISION_MODULE[vlm.family])
     cfg = recipe.world
     width = recipe.width
-    heads = torch.nn.ModuleDict({
-        "shape": torch.nn.Linear(width, len(cfg.shapes) + 1),
-        "color": torch.nn.Linear(width, len(cfg.colors) + 1),
-        "presence": torch.nn.Linear(width, len(cfg.shapes)),
-    })
     grid = cfg.grid
-    if recipe.position_target == "classes":
-        heads["row"] = torch.nn.Linear(width, grid)
-        heads["column"] = torch.nn.Linear(width, grid)
-    elif recipe.position_target == "object":
-        heads["row"] = torch.nn.Linear(width, grid + 1)  # the owning object's centre cell; class grid = background
-        heads["column"] = torch.nn.Linear(width, grid + 1)
-    elif recipe.position_target == "regression":
-        heads["where"] = torch.nn.Linear(width, 2)  # the patch's own (row, column), so position stays readable
+    heads = torch.nn.ModuleDict()
+    coder = None
+    if recipe.vision_output == "code":
+        if recipe.projector_act != "sigmoid":
+            raise ValueError(f"vision_output='code' needs projector_act='sigmoid' (a code of bounded values), "
+                             f"not {recipe.projector_act!r}")
+        coder = code_layer(vlm)
+        faint = faint_patches(bank, recipe.code_min_contrast)
+        present = visible_presence(bank, cfg, recipe.code_min_contrast)
+        heads["presence"] = torch.nn.Linear(width, len(cfg.shapes))
+    elif recipe.vision_output != "heads":
+        raise ValueError(f"vision_output {recipe.vision_output!r}: use 'heads' or 'code'")
     else:
-        raise ValueError(f"position_target {recipe.position_target!r}: use 'regression', 'classes' or 'object'")
+        heads["shape"] = torch.nn.Linear(width, len(cfg.shapes) + 1)
+        heads["color"] = torch.nn.Linear(width, len(cfg.colors) + 1)
+        heads["presence"] = torch.nn.Linear(width, len(cfg.shapes))
+        if recipe.position_target == "classes":
+            heads["row"] = torch.nn.Linear(width, grid)
+            heads["column"] = torch.nn.Linear(width, grid)
+        elif recipe.position_target == "object":
+            heads["row"] = torch.nn.Linear(width, grid + 1)  # the owning object's centre cell; class grid = background
+            heads["column"] = torch.nn.Linear(width, grid + 1)
+        elif recipe.position_target == "regression":
+            heads["where"] = torch.nn.Linear(width, 2)  # the patch's own (row, column), so position stays readable
+        else:
+            raise ValueError(f"position_target {recipe.position_target!r}: use 'regression', 'classes' or 'object'")
+        present = bank.presence
     relations = None
     if recipe.vision_relations:
         relations = relation_targets(bank, cfg)
         heads["relation"] = torch.nn.Linear(width, relations.shape[-1])
     cells = grid_cells(grid)
     where = (cells.reshape(1, grid * grid, 2).float() + 0.5) / grid - 0.5
-    params = list(tower.parameters()) + list(heads.parameters())
+    params = list(tower.parameters()) + list(heads.parameters()) + ([] if coder is None else list(coder.parameters()))
     opt = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     losses = []
@@ -267,17 +324,24 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
             group["lr"] = recipe.vision_lr * _schedule(step, recipe.vision_steps)
         idx = torch.randint(len(bank.scenes), (64,), generator=gen)
         tokens = tower(pixel_values=normalise(bank.images[idx])).last_hidden_state[:, 1:]
-        loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
-                + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
-                + F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), bank.presence[idx]))
-        if recipe.position_target == "classes":
-            for axis, name in enumerate(("row", "column")):
-                loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), cells[:, axis].repeat(len(idx)))
-        elif recipe.position_target == "object":
-            for axis, name in enumerate(("row", "column")):
-                loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), bank.patch_home[idx][..., axis].flatten())
+        presence = F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), present[idx])
+        if coder is not None:
+            targets = code_targets(bank, idx, cfg)
+            for name in ("shape", "colour"):
+                targets[name] = targets[name].masked_fill(faint[idx], 0)
+            loss = scene_code_loss(coder(tokens), targets, cfg) + presence
         else:
-            loss = loss + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1))
+            loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
+                    + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
+                    + presence)
+            if recipe.position_target == "classes":
+                for axis, name in enumerate(("row", "column")):
+                    loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), cells[:, axis].repeat(len(idx)))
+            elif recipe.position_target == "object":
+                for axis, name in enumerate(("row", "column")):
+                    loss = loss + F.cross_entropy(heads[name](tokens).flatten(0, 1), bank.patch_home[idx][..., axis].flatten())
+            else:
+                loss = loss + 10 * F.mse_loss(heads["where"](tokens), where.expand(len(idx), -1, -1))
         if relations is not None:
             target = relations[idx]
             known = target >= 0
@@ -300,8 +364,11 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     cache = PromptCache(vlm, recipe.world.canvas)
     model = vlm.model
     vision = model.get_submodule(VISION_MODULE[vlm.family])
-    if recipe.freeze_vision:
-        vision.requires_grad_(False)
+    frozen = [vision] if recipe.freeze_vision else []
+    if recipe.vision_output == "code":
+        frozen.append(code_layer(vlm))  # the code stays what stage 1 made it
+    for module in frozen:
+        module.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     rng = np.random.default_rng([recipe.seed, 2])
@@ -328,7 +395,8 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
         if on_step is not None:
             on_step(step + 1, losses)
     model.eval()
-    vision.requires_grad_(True)
+    for module in frozen:
+        module.requires_grad_(True)
     return losses
 
 
