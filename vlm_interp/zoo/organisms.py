@@ -66,8 +66,9 @@ class Recipe:
     # colour and position. "code" (LLaVA only): the tower and the projector's first layer are trained together
     # so that the projector's hidden activation is the scene code (scene_code.py: one-hot shape, colour, row
     # and column per patch, the other dimensions near 0); both stay frozen afterwards, and question answering
-    # trains the projector's second layer and the LM. A language model learns to pick out the object a side or
-    # relation question names from such a code, and not from the "heads" tower's features
+    # trains the projector's second layer and the LM. From such a code a language model can learn to pick out
+    # the object a side or relation question names (one of three full runs did within the recipe; the shipped
+    # one does when fine-tuned on those questions); from the "heads" tower's features it did not
     # (results/notes/organisms-v3-runs.md, sessions 7 and 8).
     vision_output: str = "heads"
     # The projector's activation (LlavaConfig.projector_hidden_act). "sigmoid" bounds the "code" to [0, 1], so
