@@ -48,13 +48,7 @@ def patch_owners(scene: Scene) -> np.ndarray:
 
 def faint_patches(bank: "SceneBank", min_contrast: float) -> torch.Tensor:
     """(N, P) bool: the patches owned (as in ``patch_owners``) by an object of contrast below ``min_contrast``."""
-    out = torch.zeros(bank.patch_shape.shape, dtype=torch.bool)
-    for i, scene in enumerate(bank.scenes):
-        owner = patch_owners(scene)
-        for k, o in enumerate(scene.objects):
-            if o.contrast < min_contrast:
-                out[i, torch.from_numpy(owner == k)] = True
-    return out
+    return (bank.patch_shape > 0) & (bank.patch_contrast < min_contrast)
 
 
 def visible_presence(bank: "SceneBank", config, min_contrast: float) -> torch.Tensor:
@@ -77,6 +71,7 @@ class SceneBank:
     patch_color: torch.Tensor  # (N, P) int64, 0 = background, 1 + colour index
     presence: torch.Tensor  # (N, n_shapes) float
     patch_home: torch.Tensor  # (N, P, 2) int64: (row, column) cell of the owning object's centre, grid = background
+    patch_contrast: torch.Tensor  # (N, P) float64: the owning object's contrast, 0 = background
 
     @classmethod
     def render(cls, world: World, n: int, seed: int, progress: bool = True) -> "SceneBank":
@@ -89,6 +84,7 @@ class SceneBank:
         color_t = np.zeros((n, grid * grid), np.int64)
         presence = np.zeros((n, len(cfg.shapes)), np.float32)
         home = np.full((n, grid * grid, 2), grid, np.int64)
+        contrast = np.zeros((n, grid * grid), np.float64)
         for i, s in enumerate(scenes):
             owner = patch_owners(s)
             for k, o in enumerate(s.objects):
@@ -96,8 +92,9 @@ class SceneBank:
                 color_t[i, owner == k] = 1 + cfg.colors.index(o.color)
                 presence[i, cfg.shapes.index(o.shape)] = 1.0
                 home[i, owner == k] = [min(int(o.y // cfg.patch_size), grid - 1), min(int(o.x // cfg.patch_size), grid - 1)]
+                contrast[i, owner == k] = o.contrast
         return cls(scenes, torch.from_numpy(images), torch.from_numpy(shape_t), torch.from_numpy(color_t),
-                   torch.from_numpy(presence), torch.from_numpy(home))
+                   torch.from_numpy(presence), torch.from_numpy(home), torch.from_numpy(contrast))
 
 
 def relation_targets(bank: SceneBank, config) -> torch.Tensor:
