@@ -203,10 +203,23 @@ def answer_loss(vlm: VLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return ce
 
 
+# Tasks whose question names a present object and asks what it looks like or where it is.
+LOOKING_TASKS = ("attribute", "side", "relation", "relation_choice")
+
+
+def asks_about_faint(scene: Scene, qa: QA, min_contrast: float) -> bool:
+    """True if ``qa`` asks what an object of contrast below ``min_contrast`` looks like or where it is."""
+    if qa.task not in LOOKING_TASKS:
+        return False
+    named = [i for i in (qa.object_index, qa.other_index) if i is not None]
+    return any(scene.objects[i].contrast < min_contrast for i in named)
+
+
 def sample_qas(world: World, bank: SceneBank, mix: dict[str, float], rng: np.random.Generator,
-               n: int, max_objects: int | None = None) -> tuple[list[int], list[QA]]:
+               n: int, max_objects: int | None = None, min_contrast: float = 0.0) -> tuple[list[int], list[QA]]:
     """``n`` (scene index, QA) pairs with tasks drawn from ``mix`` (task -> weight), optionally only
-    from scenes with at most ``max_objects`` objects."""
+    from scenes with at most ``max_objects`` objects. Questions about the colour or place of an object
+    fainter than ``min_contrast`` are redrawn: with the tower blind to it, only a guess could answer them."""
     tasks = list(mix)
     probs = np.array([mix[t] for t in tasks], float)
     probs /= probs.sum()
@@ -219,7 +232,7 @@ def sample_qas(world: World, bank: SceneBank, mix: dict[str, float], rng: np.ran
     while len(qas) < n:
         i = int(allowed[int(rng.integers(len(allowed)))])
         qa = make_qa(world, bank.scenes[i], tasks[int(rng.choice(len(tasks), p=probs))], rng)
-        if qa is not None:
+        if qa is not None and not asks_about_faint(bank.scenes[i], qa, min_contrast):
             idx.append(i)
             qas.append(qa)
     return idx, qas
@@ -378,7 +391,7 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
         for group in opt.param_groups:
             group["lr"] = recipe.lr * _schedule(step, steps)
         mix, max_objects = curriculum_at(recipe, step)
-        idx, qas = sample_qas(world, bank, mix, rng, recipe.batch, max_objects)
+        idx, qas = sample_qas(world, bank, mix, rng, recipe.batch, max_objects, recipe.code_min_contrast)
         batch = make_batch(vlm, cache, normalise(bank.images[idx]), qas)
         per_sample = answer_loss(vlm, batch)
         loss = per_sample.mean()
