@@ -304,6 +304,32 @@ def test_faint_objects_are_background_in_the_code_targets():
     assert not faint_patches(bank, 0.0).any() and torch.equal(visible_presence(bank, world.config, 0.0), bank.presence)
 
 
+def test_questions_about_faint_objects_are_redrawn():
+    """With min_contrast, no colour, side or relation question names an object fainter than it; existence
+    questions still cover faint objects (that is where the prior answers), and without it faint objects are asked."""
+    from vlm_interp.zoo.organisms import PRIOR_TRAINING_WORLD
+    from vlm_interp.zoo.train import LOOKING_TASKS, sample_qas
+
+    world = World(PRIOR_TRAINING_WORLD)
+    bank = SceneBank.render(world, 200, seed=4, progress=False)
+    mix = dict.fromkeys(LOOKING_TASKS + ("existence",), 1.0)
+
+    def faint_named(min_contrast):
+        idx, qas = sample_qas(world, bank, mix, np.random.default_rng(0), 600, min_contrast=min_contrast)
+        named = {t: 0 for t in mix}
+        for i, qa in zip(idx, qas):
+            objects = bank.scenes[i].objects
+            if qa.task == "existence":  # an existence question names an object by its shape
+                named[qa.task] += any(o.shape == qa.shape and o.contrast < 0.3 for o in objects)
+            else:
+                named[qa.task] += any(j is not None and objects[j].contrast < 0.3 for j in (qa.object_index, qa.other_index))
+        return named
+
+    before, after = faint_named(0.0), faint_named(0.3)
+    assert all(before[t] > 0 for t in LOOKING_TASKS)
+    assert all(after[t] == 0 for t in LOOKING_TASKS) and after["existence"] > 0
+
+
 def test_code_stage_refuses_what_it_cannot_train():
     """A GELU code, a model without a LLaVA projector, and an unknown vision_output are clear errors."""
     from dataclasses import replace
@@ -430,3 +456,25 @@ def test_zoo_train_defaults_to_the_shipped_thread_count(monkeypatch, tmp_path, c
     assert ("as the shipped shapes-llava was" in capsys.readouterr().out) == (expected == "card")
     with pytest.raises(KeyError, match="unknown organism"):
         main(["zoo", "train", "shapes-gpt", "--no-eval"])
+
+
+def test_code_training_world_makes_a_hidden_partner_likelier():
+    """CODE_TRAINING_WORLD's reason to exist: given a visible shape whose partner is not visible (absent, or fainter
+    than the code shows), the partner is there more often than in PRIOR_TRAINING_WORLD (counted over scenes)."""
+    from vlm_interp.zoo.organisms import CODE_TRAINING_WORLD, PRIOR_TRAINING_WORLD, get_recipe
+
+    min_contrast = get_recipe("shapes-llava").code_min_contrast
+
+    def hidden_partner_share(config):
+        present = hidden = 0
+        for scene in World(config).scenes(3000, 11):
+            visible = {o.shape for o in scene.objects if o.contrast >= min_contrast}
+            for a, b in config.cooccur_pairs:
+                for anchor, partner in ((a, b), (b, a)):
+                    if anchor in visible and partner not in visible:
+                        hidden += 1
+                        present += partner in {o.shape for o in scene.objects}
+        return present / hidden
+
+    old, new = hidden_partner_share(PRIOR_TRAINING_WORLD), hidden_partner_share(CODE_TRAINING_WORLD)
+    assert 0.2 < old < 0.35 and new > old + 0.08, (old, new)
