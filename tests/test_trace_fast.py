@@ -244,7 +244,7 @@ def test_shapes_llava_fast_path_matches_general_path():
     vlm = vi.load("zoo:shapes-llava")
     scene = World(ORGANISM_WORLD).scene(1)
     clean = vlm.prepare(scene.pil(), existence_question(scene.objects[0].shape), answer="yes")
-    corrupt = noise(vlm, clean, scale="3sd", tokens="image", seed=0)
+    corrupt = noise(vlm, clean, scale="3sd", tokens="image", place="patches", seed=0)
     m = make_metric(vlm, clean)
     positions = sorted(set(clean.positions("image")[::7] + clean.positions("question") + clean.positions("last")))
     cells = [Cell((Site("lm", c, l),), (p,)) for c in ("hidden", "attn", "mlp") for l in range(4) for p in positions]

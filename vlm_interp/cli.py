@@ -37,10 +37,12 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [save_object_overlay(ex, "vision", out / "object_patches.png", title=question)]
-    # Causal tracing: noise on the image embeddings (3 sd), then restore each LM layer at each token.
-    corrupt = noise(vlm, ex, scale="3sd", tokens="image", seed=0)
+    # Causal tracing: noise (3 sd) on the vision tower's patch embeddings, then restore each LM layer at each token.
+    # (Noise on the LM's image embeddings leaves shapes-llava's answer in place: its LM reads a bounded scene code,
+    # and noise there does not look like an empty image.)
+    corrupt = noise(vlm, ex, scale="3sd", tokens="image", place="patches", seed=0)
     tr = trace(vlm, ex, corrupt, components=["lm.hidden", "lm.attn", "lm.mlp"], tokens="each")
-    print(f"\nP(yes) clean {tr.attrs['clean_score']:.4f}, image embeddings noised {tr.attrs['corrupt_score']:.4f}")
+    print(f"\nP(yes) clean {tr.attrs['clean_score']:.4f}, patch embeddings noised {tr.attrs['corrupt_score']:.4f}")
     lm = ex.groups["lm"]
     if tr.total_effect > 0 and lm.get("object"):
         rr = tr.rr().sel(component="hidden").values
@@ -51,6 +53,10 @@ def _demo(args: argparse.Namespace) -> int:
             hit = len(objects & set(top)) / len(objects)
             print(f"  lm layer {layer}: restoring single image tokens recovers up to {values.max():.2f} of the "
                   f"answer; {hit:.0%} of the strongest tokens lie on the {target.shape}")
+        best = tr.rr().where(tr.rr() == tr.rr().max(), drop=True)
+        component, layer, position = (best.coords[d].values[0] for d in ("component", "layer", "position"))
+        print(f"  strongest single cell: lm.{component} layer {layer} at position {position} "
+              f"({ex.tokens[position]!r}), recovers {float(tr.rr().max()):.2f}")
         files.append(plot_image_effects(tr, ex, out / "image_effects.png"))
     files.append(plot_trace(tr, out / "trace.png"))
     tr.save(out / "trace.json")
