@@ -53,10 +53,10 @@ def _demo(args: argparse.Namespace) -> int:
             hit = len(objects & set(top)) / len(objects)
             print(f"  lm layer {layer}: restoring single image tokens recovers up to {values.max():.2f} of the "
                   f"answer; {hit:.0%} of the strongest tokens lie on the {target.shape}")
-        best = tr.rr().where(tr.rr() == tr.rr().max(), drop=True)
-        component, layer, position = (best.coords[d].values[0] for d in ("component", "layer", "position"))
-        print(f"  strongest single cell: lm.{component} layer {layer} at position {position} "
-              f"({ex.tokens[position]!r}), recovers {float(tr.rr().max()):.2f}")
+        every = tr.rr().transpose("component", "layer", "position")
+        c, layer, position = np.unravel_index(int(np.nanargmax(every.values)), every.shape)
+        print(f"  strongest single cell: lm.{every.coords['component'].values[c]} layer {layer} at position "
+              f"{position} ({ex.tokens[position]!r}), recovers {float(every.values[c, layer, position]):.2f}")
         files.append(plot_image_effects(tr, ex, out / "image_effects.png"))
     files.append(plot_trace(tr, out / "trace.png"))
     tr.save(out / "trace.json")
