@@ -45,7 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nP(yes) clean {tr.attrs['clean_score']:.4f}, patch embeddings noised {tr.attrs['corrupt_score']:.4f}")
     lm = ex.groups["lm"]
     if tr.total_effect > 0 and lm.get("object"):
-        rr = tr.rr().sel(component="hidden").values
+        every = tr.rr().transpose("component", "layer", "position")
+        rr = every.sel(component="hidden").values
         image_pos, objects = lm["image"], set(lm["object"])
         for layer in range(rr.shape[0]):
             values = rr[layer, image_pos]
@@ -53,7 +54,6 @@ def _demo(args: argparse.Namespace) -> int:
             hit = len(objects & set(top)) / len(objects)
             print(f"  lm layer {layer}: restoring single image tokens recovers up to {values.max():.2f} of the "
                   f"answer; {hit:.0%} of the strongest tokens lie on the {target.shape}")
-        every = tr.rr().transpose("component", "layer", "position")
         c, layer, position = np.unravel_index(int(np.nanargmax(every.values)), every.shape)
         print(f"  strongest single cell: lm.{every.coords['component'].values[c]} layer {layer} at position "
               f"{position} ({ex.tokens[position]!r}), recovers {float(every.values[c, layer, position]):.2f}")
