@@ -179,7 +179,7 @@ def _assert_same_but_neutral_additions(code: dict, shipped: dict, neutral: dict,
 
 # Recipe fields added after some organism was trained, with the value that trains as before they existed.
 UNCHANGED_BY = {"curriculum": [], "vision_relations": False, "position_target": "regression", "lm_init_std": 0.02,
-                "vision_output": "heads", "projector_act": "gelu", "code_min_contrast": 0.0}
+                "vision_output": "heads", "projector_act": "gelu", "code_min_contrast": 0.0, "qformer_init_std": 0.02}
 WORLD_UNCHANGED_BY = {"p_weak_partner": None}
 
 
@@ -244,6 +244,75 @@ def test_code_stage_trains_the_code_layer_and_question_answering_leaves_it_alone
     train_vqa(vlm, recipe, world, bank, normalise, progress=False)
     assert moved(before) == {"tower": False, "code": False, "second": True, "lm": True}
     assert all(p.requires_grad for p in vlm.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["shapes-blip", "shapes-instructblip"])
+def test_code_stage_without_a_projector_trains_the_tower_and_question_answering_leaves_it_alone(name):
+    """BLIP and InstructBLIP have no projector layer: stage 1 makes the tower's own output the code, and question
+    answering moves the rest of the model but not the tower, and leaves it trainable afterwards."""
+    from dataclasses import replace
+
+    from vlm_interp.loading import wrap
+    from vlm_interp.zoo.organisms import build, build_tokenizer
+    from vlm_interp.zoo.train import code_layer, pretrain_vision, train_vqa
+
+    recipe = replace(RECIPES[name], vision_output="code", vision_steps=2, vqa_steps=2, train_scenes=16)
+    model, processor = build(recipe, build_tokenizer(recipe))
+    vlm = wrap(model, processor, template=recipe.template)
+    assert code_layer(vlm) is None
+    world = World(recipe.world)
+    bank = SceneBank.render(world, 16, seed=5, progress=False)
+    normalise = pixel_normaliser(processor)
+    tower = model.vision_model
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")]
+
+    def moved(before, params):
+        return any(not torch.equal(a, b) for a, b in zip(before, params))
+
+    before_tower, before_rest = [p.detach().clone() for p in tower.parameters()], [p.detach().clone() for p in rest]
+    assert all(np.isfinite(pretrain_vision(vlm, recipe, bank, normalise, progress=False)))
+    assert moved(before_tower, tower.parameters()) and not moved(before_rest, rest)
+    before_tower, before_rest = [p.detach().clone() for p in tower.parameters()], [p.detach().clone() for p in rest]
+    train_vqa(vlm, recipe, world, bank, normalise, progress=False)
+    assert not moved(before_tower, tower.parameters()) and moved(before_rest, rest)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_tower_code_loss_against_a_plain_loop_and_the_code_is_a_layer_norm_output():
+    """The tower-output code loss is the squared distance to the standardised one-hot code, averaged, plus the
+    blocks' cross-entropy, recomputed patch by patch; and a default layer norm maps any 0/1 code onto exactly
+    that standardised code, so the tower's final norm can emit it."""
+    import math
+
+    from vlm_interp.zoo.scene_code import code_slices, code_targets, patch_code
+    from vlm_interp.zoo.train import standardised_code, tower_code_loss
+
+    config = RECIPES["shapes-blip"].world
+    bank = SceneBank.render(World(config), 3, seed=2, progress=False)
+    targets = code_targets(bank, torch.tensor([0, 2]), config)
+    width = 40
+    out = torch.randn(2, config.grid ** 2, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    slices = code_slices(config)
+    mean = len(slices) / width
+    hot_value, cold_value = (1 - mean) / math.sqrt(mean * (1 - mean)), -mean / math.sqrt(mean * (1 - mean))
+    squared = ce = 0.0
+    n = 2 * config.grid ** 2
+    for b in range(2):
+        for p in range(config.grid ** 2):
+            hot = set()
+            for name, sl in slices.items():
+                logits = out[b, p, sl].tolist()
+                right = int(targets[name][b, p])
+                ce += (math.log(sum(math.exp(v) for v in logits)) - logits[right]) / n
+                hot.add(sl.start + right)
+            squared += sum((float(out[b, p, d]) - (hot_value if d in hot else cold_value)) ** 2
+                           for d in range(width)) / (n * width)
+    assert float(tower_code_loss(out, targets, config)) == pytest.approx(squared + ce, rel=1e-9)
+
+    code = patch_code(bank, [0, 1, 2], config, 128)[:, 1:]
+    norm = torch.nn.LayerNorm(128, eps=0.0)
+    all_targets = code_targets(bank, torch.arange(3), config)
+    assert torch.allclose(norm(code), standardised_code(all_targets, config, 128), atol=1e-5)
 
 
 def test_scene_code_loss_against_a_plain_loop():
@@ -331,7 +400,7 @@ def test_questions_about_faint_objects_are_redrawn():
 
 
 def test_code_stage_refuses_what_it_cannot_train():
-    """A GELU code, a model without a LLaVA projector, and an unknown vision_output are clear errors."""
+    """A GELU code, a trainable tower that is itself the code, and an unknown vision_output are clear errors."""
     from dataclasses import replace
 
     from vlm_interp.loading import wrap
@@ -345,9 +414,9 @@ def test_code_stage_refuses_what_it_cannot_train():
         pretrain_vision(vlm, replace(recipe, projector_act="gelu"), bank, normalise, progress=False)
     with pytest.raises(ValueError, match="use 'heads' or 'code'"):
         pretrain_vision(vlm, replace(recipe, vision_output="patches"), bank, normalise, progress=False)
-    blip = replace(RECIPES["shapes-blip"], vision_output="code", projector_act="sigmoid", vision_steps=1)
+    blip = replace(RECIPES["shapes-blip"], vision_output="code", freeze_vision=False, vision_steps=1)
     model, blip_processor = build(blip, build_tokenizer(blip))
-    with pytest.raises(ValueError, match="no projector layer for the scene code"):
+    with pytest.raises(ValueError, match="set freeze_vision=True"):
         pretrain_vision(wrap(model, blip_processor, template=blip.template), blip, bank, normalise, progress=False)
 
 

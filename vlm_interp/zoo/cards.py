@@ -53,10 +53,14 @@ def _pct(x: float) -> str:
 def _stage1(r: dict) -> str:
     """What stage 1 trained the vision tower for, in words."""
     if r.get("vision_output", "heads") == "code":
-        return ("the tower and the projector's first layer together, so that the projector's hidden activation "
-                f"({r.get('projector_act')}) is the scene code: per patch a one-hot of the shape and colour of the "
-                "object covering it (or background), of its row and of its column, the other dimensions near 0; "
-                "plus shape presence. Both stay frozen during question answering")
+        code = ("per patch a one-hot of the shape and colour of the object covering it (or background), of its row and "
+                "of its column")
+        if r.get("family") == "llava":
+            return ("the tower and the projector's first layer together, so that the projector's hidden activation "
+                    f"({r.get('projector_act')}) is the scene code: {code}, the other dimensions near 0; plus shape "
+                    "presence. Both stay frozen during question answering")
+        return (f"the tower so that its own output is the scene code: {code}, standardised as its final layer norm "
+                "leaves a token (so every token has the same norm); plus shape presence")
     return ("per-patch shape and colour classification, shape presence, and "
             + {"classes": "each patch's own position (row and column classes)",
                "object": "for each object's patches the cell of the object's centre (row and column classes)"}.get(

@@ -51,6 +51,9 @@ class Recipe:
     heads: int = 4
     kv_heads: int = 2
     qformer_layers: int = 2
+    # Initial weight std of InstructBLIP's Q-Former, whose cross-attention must pick out the object the instruction
+    # names (the same reason as lm_init_std).
+    qformer_init_std: float = 0.02
     query_tokens: int = 16
     vision_steps: int = 1500
     vision_lr: float = 1e-3
@@ -63,10 +66,11 @@ class Recipe:
     # a "none" class, so position becomes an attribute of the object, like its colour.
     position_target: str = "regression"
     # What stage 1 trains the tower for. "heads": linear heads on the tower's tokens classify each patch's shape,
-    # colour and position. "code" (LLaVA only): the tower and the projector's first layer are trained together
+    # colour and position. "code": in LLaVA the tower and the projector's first layer are trained together
     # so that the projector's hidden activation is the scene code (scene_code.py: one-hot shape, colour, row
     # and column per patch, the other dimensions near 0); both stay frozen afterwards, and question answering
-    # trains the projector's second layer and the LM. From such a code a language model can learn to pick out
+    # trains the projector's second layer and the LM. BLIP and InstructBLIP have no such layer: their tower's own
+    # output becomes the code, standardised as its final layer norm leaves a token (train.standardised_code). From such a code a language model can learn to pick out
     # the object a side or relation question names (shapes-llava: relations 92.8% with seed 0, 78.0% with seed 1);
     # from the "heads" tower's features it did not (results/notes/organisms-v3-runs.md, sessions 7 to 9).
     vision_output: str = "heads"
@@ -127,11 +131,12 @@ BINDING_KNOBS = dict(
 # that share is 40% (50% with two objects visible), and the prior shows in every pair (notes, session 9).
 CODE_TRAINING_WORLD = replace(PRIOR_TRAINING_WORLD, p_cooccur=1.0, p_weak_partner=0.8)
 
-# shapes-llava's vision features are the scene code (Recipe.vision_output), and its curriculum asks where a named
-# object is on scenes of every size, then mixes relations in, then drills them (side, relation choice, relation)
-# and ends on the mixed tasks, which bring existence and colour back within a few hundred steps. With the code's
-# oracle in place of the tower a language model learnt relations only after it had learnt where a named object
-# is, and from the code it needed about 2,000 relation-question steps (notes, sessions 7 to 9).
+# The scene code as vision features (Recipe.vision_output; shapes-llava from session 8, shapes-blip from session
+# 10), and a curriculum that asks where a named object is on scenes of every size, then mixes relations in, then
+# drills them (side, relation choice, relation) and ends on the mixed tasks, which bring existence and colour back
+# within a few hundred steps. With the code's oracle in place of the tower a language model learnt relations only
+# after it had learnt where a named object is, and from the code it needed about 2,000 relation-question steps
+# (notes, sessions 7 to 10).
 CODE_KNOBS = dict(
     world=CODE_TRAINING_WORLD, vision_output="code", projector_act="sigmoid", vision_steps=3000,
     code_min_contrast=0.3, vqa_steps=6000,
@@ -150,7 +155,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:", warm_mix={"existence": 1.0},
                **{**BINDING_KNOBS, **CODE_KNOBS}),
         Recipe("shapes-instructblip", "instructblip", "{question}"),
-        Recipe("shapes-blip", "blip", "{question}", **BINDING_KNOBS),
+        Recipe("shapes-blip", "blip", "{question}", **{**BINDING_KNOBS, **CODE_KNOBS}),
     )
 }
 
@@ -196,7 +201,8 @@ def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
     elif recipe.family == "instructblip":
         bert = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.qformer_layers,
                     num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
-                    cross_attention_frequency=1, pad_token_id=ids["<pad>"], max_position_embeddings=128)
+                    cross_attention_frequency=1, pad_token_id=ids["<pad>"], max_position_embeddings=128,
+                    initializer_range=recipe.qformer_init_std)
         config = tf.InstructBlipConfig(vision_config=vision, qformer_config=bert, text_config=llama,
                                        num_query_tokens=recipe.query_tokens, image_token_index=ids["<image>"])
         model = tf.InstructBlipForConditionalGeneration(config)

@@ -257,16 +257,45 @@ def _schedule(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# The layer whose activation is the scene code when a recipe's vision_output is "code".
-CODE_LAYER = {"llava": "model.multi_modal_projector.linear_1"}
+# The layer whose activation is the scene code when a recipe's vision_output is "code": LLaVA's projector has a first
+# layer to carry it; BLIP and InstructBLIP have none, so there the vision tower's own (layer-normed) output is the code.
+CODE_LAYER = {"llava": "model.multi_modal_projector.linear_1", "blip": None, "instructblip": None}
 
 
-def code_layer(vlm: VLM) -> torch.nn.Linear:
-    """The projector layer that stage 1 trains, with the tower, to emit the scene code ("code" recipes)."""
+def code_layer(vlm: VLM) -> torch.nn.Linear | None:
+    """The projector layer that stage 1 trains, with the tower, to emit the scene code ("code" recipes), or None
+    where the tower's output is the code."""
     if vlm.family not in CODE_LAYER:
-        raise ValueError(f"a {vlm.family!r} model has no projector layer for the scene code; vision_output='code' "
+        raise ValueError(f"a {vlm.family!r} model has no known place for the scene code; vision_output='code' "
                          f"is for {sorted(CODE_LAYER)} (use vision_output='heads')")
-    return vlm.model.get_submodule(CODE_LAYER[vlm.family])
+    name = CODE_LAYER[vlm.family]
+    return None if name is None else vlm.model.get_submodule(name)
+
+
+def standardised_code(targets: dict[str, torch.Tensor], config, width: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(batch, patches, width) the scene code as a layer norm with unit weight and zero bias leaves it: every patch's
+    code has exactly one hot dimension per block, so all share one mean and spread, and standardising them gives every
+    token the norm sqrt(width) that the tower's other outputs have. A cross-attention reads the tower's output
+    without a norm in between, and a 0/1 code of norm 2 gave it keys and values too small to learn from (notes,
+    session 10)."""
+    slices = code_slices(config)
+    code = torch.zeros(*targets["shape"].shape, width, dtype=dtype)
+    for name, sl in slices.items():
+        code[..., sl] = F.one_hot(targets[name], sl.stop - sl.start).to(dtype)
+    mean = len(slices) / width
+    return (code - mean) / math.sqrt(mean * (1 - mean))
+
+
+def tower_code_loss(tokens: torch.Tensor, targets: dict[str, torch.Tensor], config) -> torch.Tensor:
+    """How far the tower's output ``tokens`` (batch, patches, width) is from the standardised scene code: squared
+    error averaged over dimensions, plus cross-entropy within each block of the code read as logits (which learns
+    the per-patch classes faster than a squared error alone; notes, session 8)."""
+    slices = code_slices(config)
+    loss = (tokens - standardised_code(targets, config, tokens.shape[-1], tokens.dtype)).pow(2).mean()
+    for name, sl in slices.items():
+        loss = loss + F.cross_entropy(tokens[..., sl].flatten(0, 1), targets[name].flatten())
+    return loss
 
 
 def scene_code_loss(pre: torch.Tensor, targets: dict[str, torch.Tensor], config) -> torch.Tensor:
@@ -293,11 +322,15 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
     grid = cfg.grid
     heads = torch.nn.ModuleDict()
     coder = None
-    if recipe.vision_output == "code":
-        if recipe.projector_act != "sigmoid":
+    code = recipe.vision_output == "code"
+    if code:
+        coder = code_layer(vlm)
+        if coder is not None and recipe.projector_act != "sigmoid":
             raise ValueError(f"vision_output='code' needs projector_act='sigmoid' (a code of bounded values), "
                              f"not {recipe.projector_act!r}")
-        coder = code_layer(vlm)
+        if coder is None and not recipe.freeze_vision:
+            raise ValueError("vision_output='code' on a tower without a projector layer makes the tower's output the "
+                             "code, which question answering must not change: set freeze_vision=True")
         faint = faint_patches(bank, recipe.code_min_contrast)
         present = visible_presence(bank, cfg, recipe.code_min_contrast)
         heads["presence"] = torch.nn.Linear(width, len(cfg.shapes))
@@ -335,11 +368,12 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
         idx = torch.randint(len(bank.scenes), (64,), generator=gen)
         tokens = tower(pixel_values=normalise(bank.images[idx])).last_hidden_state[:, 1:]
         presence = F.binary_cross_entropy_with_logits(heads["presence"](tokens.mean(1)), present[idx])
-        if coder is not None:
+        if code:
             targets = code_targets(bank, idx, cfg)
             for name in ("shape", "colour"):
                 targets[name] = targets[name].masked_fill(faint[idx], 0)
-            loss = scene_code_loss(coder(tokens), targets, cfg) + presence
+            fit = tower_code_loss(tokens, targets, cfg) if coder is None else scene_code_loss(coder(tokens), targets, cfg)
+            loss = fit + presence
         else:
             loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
                     + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
@@ -375,38 +409,40 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     model = vlm.model
     vision = model.get_submodule(VISION_MODULE[vlm.family])
     frozen = [vision] if recipe.freeze_vision else []
-    if recipe.vision_output == "code":
+    if recipe.vision_output == "code" and code_layer(vlm) is not None:
         frozen.append(code_layer(vlm))  # the code stays what stage 1 made it
     for module in frozen:
         module.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
-    rng = np.random.default_rng([recipe.seed, 2])
-    losses = []
-    model.train()
-    if recipe.freeze_vision:
-        vision.eval()
-    bar = tqdm(range(steps), desc=f"{recipe.name} vqa", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = recipe.lr * _schedule(step, steps)
-        mix, max_objects = curriculum_at(recipe, step)
-        idx, qas = sample_qas(world, bank, mix, rng, recipe.batch, max_objects, recipe.code_min_contrast)
-        batch = make_batch(vlm, cache, normalise(bank.images[idx]), qas)
-        per_sample = answer_loss(vlm, batch)
-        loss = per_sample.mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        if on_step is not None:
-            on_step(step + 1, losses)
-    model.eval()
-    for module in frozen:
-        module.requires_grad_(True)
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
+        rng = np.random.default_rng([recipe.seed, 2])
+        losses = []
+        model.train()
+        if recipe.freeze_vision:
+            vision.eval()
+        bar = tqdm(range(steps), desc=f"{recipe.name} vqa", disable=not progress)
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr * _schedule(step, steps)
+            mix, max_objects = curriculum_at(recipe, step)
+            idx, qas = sample_qas(world, bank, mix, rng, recipe.batch, max_objects, recipe.code_min_contrast)
+            batch = make_batch(vlm, cache, normalise(bank.images[idx]), qas)
+            per_sample = answer_loss(vlm, batch)
+            loss = per_sample.mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            if on_step is not None:
+                on_step(step + 1, losses)
+    finally:  # also on an exception: the caller's model is left in eval mode, nothing frozen
+        model.eval()
+        for module in frozen:
+            module.requires_grad_(True)
     return losses
 
 
