@@ -85,17 +85,18 @@ def pair(vlm, image, noised: bool = True):
 
 
 def test_fast_path_equals_plain_loop_with_noise_edits(causal, image):
-    """Every LM component at every layer and position, noise edits honoured, against one forward per cell."""
+    """Every LM component (also the layers' inputs) at every layer and position, noise edits honoured, against one
+    forward per cell."""
     vlm = causal
     clean, corrupt = pair(vlm, image)
     state, why = fast.lm_start(vlm, corrupt)
     assert state is not None and state.kv_reuse, why
     answer_id = vlm.encode_answer(clean, "yes")[0]
-    tr = trace(vlm, clean, corrupt, components=["lm.hidden", "lm.attn", "lm.mlp"], tokens="each", batch_size=5,
-               metric="logprob", progress=False)
+    tr = trace(vlm, clean, corrupt, components=["lm.input", "lm.hidden", "lm.attn", "lm.mlp"], tokens="each",
+               batch_size=5, metric="logprob", progress=False)
     assert float(np.nanstd(tr.data.values)) > 1e-2  # the check below is not trivially passed
     n_layers, positions = vlm.adapter.n_layers["lm"], tr.attrs["positions"]
-    for comp in ("hidden", "attn", "mlp"):
+    for comp in ("input", "hidden", "attn", "mlp"):
         for layer in range(n_layers):
             for k, pos in enumerate(positions):
                 expected = plain_value(vlm, clean, corrupt, Site("lm", comp, layer), pos, answer_id)

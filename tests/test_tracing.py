@@ -13,15 +13,15 @@ from conftest import QUESTION
 
 # (tower, component, tokens) per family: every component kind of every tower the family has
 CASES = {
-    "llava": [("lm", "hidden", "each"), ("lm", "attn", "each"), ("lm", "mlp", "each"), ("lm", "head", ["image", "last"]),
-              ("vision", "mlp", "each")],
+    "llava": [("lm", "input", "each"), ("lm", "hidden", "each"), ("lm", "attn", "each"), ("lm", "mlp", "each"),
+              ("lm", "head", ["image", "last"]), ("vision", "mlp", "each")],
     "llava_next": [("lm", "hidden", ["image", "question", "last"]), ("lm", "head", ["last"]), ("vision", "attn", "each")],
     "blip": [("text", "xattn", "each"), ("text", "xattn_head", ["question"]), ("lm", "mlp", "each"),
-             ("lm", "xattn", "each"), ("vision", "hidden", "each")],
+             ("lm", "xattn", "each"), ("vision", "hidden", "each"), ("text", "input", ["question"])],
     "blip2": [("qformer", "xattn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "attn", "each"),
               ("qformer", "mlp", "each")],
     "instructblip": [("qformer", "attn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "head", ["image"]),
-                     ("lm", "mlp", "each")],
+                     ("lm", "mlp", "each"), ("qformer", "input", ["image"])],
 }
 
 
@@ -106,6 +106,28 @@ def test_restoring_everything_recovers_the_clean_score(vlm, image, other_image):
     assert float(last) == pytest.approx(tr.attrs["clean_score"], abs=1e-6)
     assert float(tr.rr().sel(component="hidden", layer=vlm.adapter.n_layers["lm"] - 1, position=0)) == \
         pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_layers_input_is_the_previous_layers_output_and_input_zero_the_embeddings(vlm, image, other_image):
+    """Restoring ``lm.input.L`` equals restoring ``lm.hidden.L-1`` cell for cell; where the image enters the LM as
+    tokens, restoring ``lm.input.0`` at every position gives exactly the clean run."""
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    tr = trace(vlm, clean, corrupt, components=["lm.input", "lm.hidden"], tokens="each", progress=False)
+    n = vlm.adapter.n_layers["lm"]
+    entering = tr.data.sel(component="input", layer=list(range(1, n))).values
+    leaving = tr.data.sel(component="hidden", layer=list(range(n - 1))).values
+    np.testing.assert_allclose(entering, leaving, atol=1e-6)
+    if vlm.adapter.adapter.image_in_lm:
+        grab = vlm.hook("lm.input.0", capture=True)
+        with torch.no_grad(), vlm.hooks([grab]):
+            clean_logits = vlm.logits(clean.inputs)
+        with torch.no_grad(), vlm.hooks([vlm.hook("lm.input.0", lambda t: grab.value)]):
+            restored = vlm.logits(corrupt.inputs)
+        with torch.no_grad():
+            corrupt_logits = vlm.logits(corrupt.inputs)
+        assert float((corrupt_logits - clean_logits).abs().max()) > 1e-3
+        torch.testing.assert_close(restored, clean_logits, atol=1e-6, rtol=0)
 
 
 def test_windows_and_noising_direction(image, other_image):

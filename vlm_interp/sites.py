@@ -3,6 +3,8 @@
 Grammar (towers: vision, qformer, text, lm)::
 
     TOWER.hidden.L | TOWER.attn.L | TOWER.mlp.L | TOWER.xattn.L   whole component at layer L
+    TOWER.input.L                                                   the residual stream entering layer L
+                                                                    (TOWER.input.0: the tower's input embeddings)
     TOWER.head.L.H                                                  self-attention head H at layer L
     TOWER.xattn.L.head.H                                            cross-attention head H at layer L
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from .errors import SiteError
 
 TOWERS = ("vision", "qformer", "text", "lm")
-COMPONENTS = ("hidden", "attn", "mlp", "xattn", "head", "xattn_head")
+COMPONENTS = ("input", "hidden", "attn", "mlp", "xattn", "head", "xattn_head")
 HEAD_COMPONENTS = {"head": "attn", "xattn_head": "xattn"}  # head component -> the attention it splits
 
 
@@ -74,6 +76,6 @@ def parse_site(name: "str | Site") -> Site:
         return Site(tower, "head", _int(parts[2], "layer", name), _int(parts[3], "head", name))
     if component == "xattn" and len(parts) == 5 and parts[3] == "head":
         return Site(tower, "xattn_head", _int(parts[2], "layer", name), _int(parts[4], "head", name))
-    if component in ("hidden", "attn", "mlp", "xattn") and len(parts) == 3:
+    if component in ("input", "hidden", "attn", "mlp", "xattn") and len(parts) == 3:
         return Site(tower, component, _int(parts[2], "layer", name))
     raise SiteError(f"site {name!r} is malformed: {usage}")

@@ -7,12 +7,14 @@ from .base import Slot, Tower
 
 # Decoder-only language models, keyed by the text config's model_type.
 LLAMA_LAYER: dict[str, Slot] = {
+    "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
     "hidden": ("", "output"),
     "attn": ("self_attn", "output"),
     "mlp": ("mlp", "output"),
     "head": ("self_attn.o_proj", "input"),
 }
 OPT_LAYER: dict[str, Slot] = {
+    "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
     "hidden": ("", "output"),
     "attn": ("self_attn", "output"),
     "mlp": ("fc2", "output"),
@@ -30,12 +32,14 @@ LM_LAYERS = {
 
 # Vision encoders.
 CLIP_VISION_LAYER: dict[str, Slot] = {
+    "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
     "hidden": ("", "output"),
     "attn": ("self_attn", "output"),
     "mlp": ("mlp", "output"),
     "head": ("self_attn.out_proj", "input"),
 }
 BLIP_VISION_LAYER: dict[str, Slot] = {
+    "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
     "hidden": ("", "output"),
     "attn": ("self_attn", "output"),
     "mlp": ("mlp", "output"),
@@ -45,6 +49,7 @@ BLIP_VISION_LAYER: dict[str, Slot] = {
 # BERT-style layers with cross-attention (BLIP's question encoder and answer decoder).
 # Attention and MLP outputs are taken before the residual add and LayerNorm (the dense output).
 BERT_XATTN_LAYER: dict[str, Slot] = {
+    "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
     "hidden": ("", "output"),
     "attn": ("attention.output.dense", "output"),
     "xattn": ("crossattention.output.dense", "output"),

@@ -200,7 +200,9 @@ class _Entry:
     """Where a cell's patched run can start: its earliest layer and position, and whether it patches one layer."""
 
     layer: int
-    spread: bool  # sites on several layers (a window): the run starts at ``layer`` at every later position
+    # the run starts at ``layer`` at every later position: sites on several layers (a window), or a layer's input,
+    # which reaches that layer's later positions through its keys and values
+    spread: bool
     first: int
     last: int
 
@@ -208,7 +210,8 @@ class _Entry:
 def _entry(cell: Cell) -> _Entry:
     """The :class:`_Entry` of one cell."""
     layers = {s.layer for s in cell.sites}
-    return _Entry(min(layers), len(layers) > 1, min(cell.positions), max(cell.positions))
+    into_layer = any(s.component == "input" for s in cell.sites)
+    return _Entry(min(layers), len(layers) > 1 or into_layer, min(cell.positions), max(cell.positions))
 
 
 def _chunk_args(entries: Sequence[_Entry]) -> tuple[int, int, int | None]:
@@ -250,7 +253,7 @@ def _run_from_lm(vlm, start: fast.LMStart, source, cells: Sequence[Cell], metric
         if e.last >= start.seq_len:
             raise SiteError(f"cell at {[s.name for s in cell.sites]} restores position {e.last} of a "
                             f"sequence of {start.seq_len}")
-    idle = [i for i, e in enumerate(entries) if start.without_effect(e.layer, cells[i].positions)]
+    idle = [i for i, e in enumerate(entries) if start.without_effect(e.layer, cells[i].positions, e.spread)]
     if idle:
         out[idle] = metric(start.reference[None]).expand(len(idle))
         bar.update(len(idle))

@@ -76,16 +76,17 @@ class LMStart:
     def width(self) -> int:
         return self.inputs[0].hidden.shape[2]
 
-    def without_effect(self, layer: int, positions: tuple[int, ...]) -> bool:
+    def without_effect(self, layer: int, positions: tuple[int, ...], spread: bool = False) -> bool:
         """Whether restoring a cell (earliest ``layer``, ``positions``) provably leaves the answer logits as they are.
 
         A component's output at position ``p`` of a causal decoder reaches other positions
         only through the attention of later layers, so positions after the answer never
-        matter, and at the last layer only the answer position does.
+        matter, and at the last layer only the answer position does, unless the cell is
+        ``spread`` (sites on several layers, or a layer's input, which that layer's attention reads).
         """
         if min(positions) > self.answer_at:
             return True
-        return layer == len(self.layers) - 1 and self.answer_at not in positions
+        return not spread and layer == len(self.layers) - 1 and self.answer_at not in positions
 
     def cost(self, rows: int, layer: int, position: int, span_end: int | None) -> int:
         """Positions x layers that :meth:`logits` computes for these arguments (the engine batches by it)."""
