@@ -15,13 +15,14 @@ from conftest import QUESTION
 
 # (tower, component, tokens) per family: every tower and a head component of each family
 CASES = {
-    "llava": [("lm", "hidden", "each"), ("lm", "attn", "each"), ("lm", "head", ["image", "last"]),
-              ("vision", "mlp", "each")],
+    "llava": [("lm", "input", "each"), ("lm", "hidden", "each"), ("lm", "attn", "each"),
+              ("lm", "head", ["image", "last"]), ("vision", "mlp", "each")],
     "llava_next": [("lm", "mlp", ["image", "question", "last"]), ("lm", "head", ["last"]), ("vision", "attn", "each")],
     "blip": [("text", "xattn", "each"), ("text", "xattn_head", ["question"]), ("lm", "mlp", "each"),
              ("vision", "attn", "each")],
     "blip2": [("qformer", "xattn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "attn", "each")],
-    "instructblip": [("qformer", "attn", "each"), ("lm", "head", ["image"]), ("lm", "mlp", "each")],
+    "instructblip": [("qformer", "attn", "each"), ("lm", "head", ["image"]), ("lm", "mlp", "each"),
+                     ("qformer", "input", ["image"])],
 }
 
 
