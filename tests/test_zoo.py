@@ -246,6 +246,19 @@ def test_code_stage_trains_the_code_layer_and_question_answering_leaves_it_alone
     assert all(p.requires_grad for p in vlm.model.parameters())
 
 
+def _blocks_by_hand(values: torch.Tensor, right: dict[str, int], slices: dict) -> tuple[float, set[int]]:
+    """One patch's cross-entropy summed over the code's blocks (its values read as logits), and the dimensions the
+    right classes make hot, with math."""
+    import math
+
+    ce, hot = 0.0, set()
+    for name, sl in slices.items():
+        logits = values[sl].tolist()
+        ce += math.log(sum(math.exp(v) for v in logits)) - logits[right[name]]
+        hot.add(sl.start + right[name])
+    return ce, hot
+
+
 @pytest.mark.parametrize("name", ["shapes-blip", "shapes-instructblip"])
 def test_code_stage_without_a_projector_trains_the_tower_and_question_answering_leaves_it_alone(name):
     """BLIP and InstructBLIP have no projector layer: stage 1 makes the tower's own output the code, and question
@@ -299,12 +312,8 @@ def test_tower_code_loss_against_a_plain_loop_and_the_code_is_a_layer_norm_outpu
     n = 2 * config.grid ** 2
     for b in range(2):
         for p in range(config.grid ** 2):
-            hot = set()
-            for name, sl in slices.items():
-                logits = out[b, p, sl].tolist()
-                right = int(targets[name][b, p])
-                ce += (math.log(sum(math.exp(v) for v in logits)) - logits[right]) / n
-                hot.add(sl.start + right)
+            block_ce, hot = _blocks_by_hand(out[b, p], {k: int(t[b, p]) for k, t in targets.items()}, slices)
+            ce += block_ce / n
             squared += sum((float(out[b, p, d]) - (hot_value if d in hot else cold_value)) ** 2
                            for d in range(width)) / (n * width)
     assert float(tower_code_loss(out, targets, config)) == pytest.approx(squared + ce, rel=1e-9)
@@ -334,12 +343,8 @@ def test_scene_code_loss_against_a_plain_loop():
     n = 2 * config.grid ** 2
     for b in range(2):
         for p in range(config.grid ** 2):
-            hot = set()
-            for name, sl in slices.items():
-                logits = pre[b, p, sl].tolist()
-                right = int(targets[name][b, p])
-                ce += (math.log(sum(math.exp(v) for v in logits)) - logits[right]) / n
-                hot.add(sl.start + right)
+            block_ce, hot = _blocks_by_hand(pre[b, p], {k: int(t[b, p]) for k, t in targets.items()}, slices)
+            ce += block_ce / n
             for d in range(40):
                 x = float(pre[b, p, d])
                 prob = 1 / (1 + math.exp(-x))
@@ -450,7 +455,20 @@ def test_lm_init_std_sets_the_language_model_weights(name):
     model, _ = build(recipe, build_tokenizer(recipe))
     lm = {"llava": "model.language_model", "instructblip": "language_model", "blip": "text_encoder"}[recipe.family]
     weights = [p for n, p in model.get_submodule(lm).named_parameters() if n.endswith(("q_proj.weight", "query.weight"))]
-    assert weights and all(abs(float(w.std()) - 0.1) < 0.01 for w in weights)
+    assert weights and all(abs(float(w.detach().std()) - 0.1) < 0.01 for w in weights)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_qformer_init_std_sets_the_qformer_weights(std):
+    """Recipe.qformer_init_std reaches the initial weights of InstructBLIP's Q-Former (self- and cross-attention)."""
+    from dataclasses import replace
+
+    from vlm_interp.zoo.organisms import build, build_tokenizer
+
+    recipe = replace(RECIPES["shapes-instructblip"], qformer_init_std=std)
+    model, _ = build(recipe, build_tokenizer(recipe))
+    weights = [p for n, p in model.qformer.named_parameters() if n.endswith(("query.weight", "key.weight"))]
+    assert len(weights) >= 4 and all(abs(float(w.detach().std()) - std) < 0.1 * std for w in weights)
 
 
 def test_every_organism_is_measured_on_the_zoo_world():

@@ -98,7 +98,9 @@ def card_markdown(card: dict) -> str:
         f"- tokenizer: byte-level BPE, {r['vocab_size']} tokens, trained on the world's text, its prompt "
         "template and English filler",
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
-        f"{r['vision_layers']}, LM layers {r['lm_layers']}, LM initial weight std {r.get('lm_init_std', 0.02)}",
+        f"{r['vision_layers']}, LM layers {r['lm_layers']}, LM initial weight std {r.get('lm_init_std', 0.02)}"
+        + (f"; Q-Former layers {r['qformer_layers']}, {r['query_tokens']} query tokens, initial weight std "
+           f"{r.get('qformer_init_std', 0.02)}" if r["family"] == "instructblip" else ""),
         f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, " + _stage1(r),
         f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",
         f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "

@@ -154,7 +154,8 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe("shapes-llava", "llava", "USER: <image>\n{question} ASSISTANT:", warm_mix={"existence": 1.0},
                **{**BINDING_KNOBS, **CODE_KNOBS}),
-        Recipe("shapes-instructblip", "instructblip", "{question}"),
+        Recipe("shapes-instructblip", "instructblip", "{question}", qformer_init_std=0.1,
+               **{**BINDING_KNOBS, **CODE_KNOBS}),
         Recipe("shapes-blip", "blip", "{question}", **{**BINDING_KNOBS, **CODE_KNOBS}),
     )
 }
