@@ -37,23 +37,24 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [save_object_overlay(ex, "vision", out / "object_patches.png", title=question)]
-    # Causal tracing: noise (3 sd) on the vision tower's patch embeddings, then restore each LM layer at each token.
-    # (Noise on the LM's image embeddings leaves shapes-llava's answer in place: its LM reads a bounded scene code,
-    # and noise there does not look like an empty image.)
+    # Causal tracing: noise (3 sd) on the vision tower's patch embeddings, then restore each LM site at each token:
+    # the residual stream entering every layer (lm.input.0 is the LM's input embeddings), each layer's output, its
+    # attention and its MLP. (Noise on the LM's image embeddings leaves shapes-llava's answer in place: its LM reads
+    # a bounded scene code, and noise there does not look like an empty image.)
     corrupt = noise(vlm, ex, scale="3sd", tokens="image", place="patches", seed=0)
-    tr = trace(vlm, ex, corrupt, components=["lm.hidden", "lm.attn", "lm.mlp"], tokens="each")
+    tr = trace(vlm, ex, corrupt, components=["lm.input", "lm.hidden", "lm.attn", "lm.mlp"], tokens="each")
     print(f"\nP(yes) clean {tr.attrs['clean_score']:.4f}, patch embeddings noised {tr.attrs['corrupt_score']:.4f}")
     lm = ex.groups["lm"]
     if tr.total_effect > 0 and lm.get("object"):
         every = tr.rr().transpose("component", "layer", "position")
-        rr = every.sel(component="hidden").values
+        rr = every.sel(component="input").values
         image_pos, objects = lm["image"], set(lm["object"])
         for layer in range(rr.shape[0]):
             values = rr[layer, image_pos]
             top = [image_pos[k] for k in np.argsort(-values)[:len(objects)]]
             hit = len(objects & set(top)) / len(objects)
-            print(f"  lm layer {layer}: restoring single image tokens recovers up to {values.max():.2f} of the "
-                  f"answer; {hit:.0%} of the strongest tokens lie on the {target.shape}")
+            print(f"  entering lm layer {layer}: restoring single image tokens recovers up to {values.max():.2f} of "
+                  f"the answer; {hit:.0%} of the strongest tokens lie on the {target.shape}")
         c, layer, position = np.unravel_index(int(np.nanargmax(every.values)), every.shape)
         print(f"  strongest single cell: lm.{every.coords['component'].values[c]} layer {layer} at position "
               f"{position} ({ex.tokens[position]!r}), recovers {float(every.values[c, layer, position]):.2f}")
