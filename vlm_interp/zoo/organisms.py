@@ -70,9 +70,10 @@ class Recipe:
     # so that the projector's hidden activation is the scene code (scene_code.py: one-hot shape, colour, row
     # and column per patch, the other dimensions near 0); both stay frozen afterwards, and question answering
     # trains the projector's second layer and the LM. BLIP and InstructBLIP have no such layer: their tower's own
-    # output becomes the code, standardised as its final layer norm leaves a token (train.standardised_code). From such a code a language model can learn to pick out
-    # the object a side or relation question names (shapes-llava: relations 92.8% with seed 0, 78.0% with seed 1);
-    # from the "heads" tower's features it did not (results/notes/organisms-v3-runs.md, sessions 7 to 9).
+    # output becomes the code, standardised as its final layer norm leaves a token (train.standardised_code), and
+    # stays frozen. From such a code the language side learnt to pick out the object a side or relation question
+    # names (relations 92.8% / 93.0% / 94.5% for shapes-llava / -instructblip / -blip); from the "heads" tower's
+    # features it did not (results/notes/organisms-v3-runs.md, sessions 7 to 10).
     vision_output: str = "heads"
     # The projector's activation (LlavaConfig.projector_hidden_act). "sigmoid" bounds the "code" to [0, 1], so
     # every patch's code has the same size; a GELU code's values vary with the classifier's confidence, and

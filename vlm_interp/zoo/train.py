@@ -276,9 +276,9 @@ def standardised_code(targets: dict[str, torch.Tensor], config, width: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(batch, patches, width) the scene code as a layer norm with unit weight and zero bias leaves it: every patch's
     code has exactly one hot dimension per block, so all share one mean and spread, and standardising them gives every
-    token the norm sqrt(width) that the tower's other outputs have. A cross-attention reads the tower's output
-    without a norm in between, and a 0/1 code of norm 2 gave it keys and values too small to learn from (notes,
-    session 10)."""
+    token the norm sqrt(width) that the tower's other outputs have. BLIP's question encoder and InstructBLIP's
+    Q-Former read the tower's output through a cross-attention with no norm in between, and from a 0/1 code (norm 2)
+    neither learnt to pick out the object a question names (notes, session 10)."""
     slices = code_slices(config)
     code = torch.zeros(*targets["shape"].shape, width, dtype=dtype)
     for name, sl in slices.items():
@@ -372,8 +372,10 @@ def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progre
             targets = code_targets(bank, idx, cfg)
             for name in ("shape", "colour"):
                 targets[name] = targets[name].masked_fill(faint[idx], 0)
-            fit = tower_code_loss(tokens, targets, cfg) if coder is None else scene_code_loss(coder(tokens), targets, cfg)
-            loss = fit + presence
+            if coder is None:
+                loss = tower_code_loss(tokens, targets, cfg) + presence
+            else:
+                loss = scene_code_loss(coder(tokens), targets, cfg) + presence
         else:
             loss = (F.cross_entropy(heads["shape"](tokens).flatten(0, 1), bank.patch_shape[idx].flatten())
                     + F.cross_entropy(heads["color"](tokens).flatten(0, 1), bank.patch_color[idx].flatten())
