@@ -41,18 +41,27 @@ def code_targets(bank: SceneBank, index: torch.Tensor, config: WorldConfig) -> d
             "column": cells[..., 1]}
 
 
-def patch_code(bank: SceneBank, index: Sequence[int] | torch.Tensor, config: WorldConfig, width: int) -> torch.Tensor:
-    """(len(index), 1 + patches, width): a zero row for the CLS token, then every patch's code (see
-    ``code_slices``), zeros in the remaining dimensions."""
-    index = torch.as_tensor(index, dtype=torch.long)
+def one_hot_code(targets: dict[str, torch.Tensor], config: WorldConfig, width: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(*targets' shape, width) the code of per-patch classes ``targets`` (as ``code_targets`` gives them): each
+    block one-hot (see ``code_slices``), zeros in the remaining dimensions."""
     slices = code_slices(config)
     used = slices["column"].stop
     if used > width:
         raise ValueError(f"the code needs {used} dimensions, the tower is {width} wide")
-    targets = code_targets(bank, index, config)
-    code = torch.zeros(len(index), 1 + config.grid ** 2, width)
-    code[:, 1:, :used] = torch.cat([F.one_hot(targets[k], s.stop - s.start) for k, s in slices.items()], -1).float()
+    code = torch.zeros(*targets["shape"].shape, width, dtype=dtype)
+    for name, sl in slices.items():
+        code[..., sl] = F.one_hot(targets[name], sl.stop - sl.start).to(dtype)
     return code
 
 
-__all__ = ["code_slices", "code_targets", "grid_cells", "patch_code"]
+def patch_code(bank: SceneBank, index: Sequence[int] | torch.Tensor, config: WorldConfig, width: int) -> torch.Tensor:
+    """(len(index), 1 + patches, width): a zero row for the CLS token, then every patch's code (see
+    ``one_hot_code``)."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    code = torch.zeros(len(index), 1 + config.grid ** 2, width)
+    code[:, 1:] = one_hot_code(code_targets(bank, index, config), config, width)
+    return code
+
+
+__all__ = ["code_slices", "code_targets", "grid_cells", "one_hot_code", "patch_code"]

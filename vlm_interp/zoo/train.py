@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..loading import wrap
 from ..model import VLM
 from .organisms import Recipe, build, build_tokenizer
-from .scene_code import code_slices, code_targets, grid_cells
+from .scene_code import code_slices, code_targets, grid_cells, one_hot_code
 from .shapes import Scene, World
 from .tasks import QA, make_qa
 
@@ -279,12 +279,8 @@ def standardised_code(targets: dict[str, torch.Tensor], config, width: int,
     token the norm sqrt(width) that the tower's other outputs have. BLIP's question encoder and InstructBLIP's
     Q-Former read the tower's output through a cross-attention with no norm in between, and from a 0/1 code (norm 2)
     neither learnt to pick out the object a question names (notes, session 10)."""
-    slices = code_slices(config)
-    code = torch.zeros(*targets["shape"].shape, width, dtype=dtype)
-    for name, sl in slices.items():
-        code[..., sl] = F.one_hot(targets[name], sl.stop - sl.start).to(dtype)
-    mean = len(slices) / width
-    return (code - mean) / math.sqrt(mean * (1 - mean))
+    mean = len(code_slices(config)) / width
+    return (one_hot_code(targets, config, width, dtype) - mean) / math.sqrt(mean * (1 - mean))
 
 
 def tower_code_loss(tokens: torch.Tensor, targets: dict[str, torch.Tensor], config) -> torch.Tensor:
@@ -303,11 +299,10 @@ def scene_code_loss(pre: torch.Tensor, targets: dict[str, torch.Tensor], config)
     one-hot block, binary cross-entropy on every dimension (the blocks' one-hots, 0 elsewhere), and the
     squared activation of the dimensions outside the blocks."""
     slices = code_slices(config)
-    code = torch.zeros_like(pre)
+    code = one_hot_code(targets, config, pre.shape[-1], pre.dtype)
     loss = pre.new_zeros(())
     for name, sl in slices.items():
         loss = loss + F.cross_entropy(pre[..., sl].flatten(0, 1), targets[name].flatten())
-        code[..., sl] = F.one_hot(targets[name], sl.stop - sl.start).float()
     rest = slice(slices["column"].stop, None)
     loss = loss + torch.sigmoid(pre[..., rest]).pow(2).mean()
     return loss + F.binary_cross_entropy_with_logits(pre, code) * pre.shape[-1] / 4
@@ -411,8 +406,9 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     model = vlm.model
     vision = model.get_submodule(VISION_MODULE[vlm.family])
     frozen = [vision] if recipe.freeze_vision else []
-    if recipe.vision_output == "code" and code_layer(vlm) is not None:
-        frozen.append(code_layer(vlm))  # the code stays what stage 1 made it
+    coder = code_layer(vlm) if recipe.vision_output == "code" else None
+    if coder is not None:
+        frozen.append(coder)  # the code stays what stage 1 made it
     for module in frozen:
         module.requires_grad_(False)
     try:
