@@ -11,6 +11,17 @@ INTERVENTION_HELP = ("intervention during answering: heads:SCORES.nc,lambda=1 (V
                      "vhr:alpha=2[,layers=1-3], iri:PLAN.json, scale:lm.head.2.1=1.5+lm.head.3.0=0")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (counts such as --images, --n, --limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Render a shapes scene, ask the model about one object, trace where the answer comes from."""
     import numpy as np
@@ -124,11 +135,23 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _questions_folder(args: argparse.Namespace) -> Path:
-    from vlm_interp.hallucination.compare import zoo_pope_folder
+def _own_questions(args: argparse.Namespace) -> str | None:
+    """The --questions folder, or None for the built-in set (no --questions, or --questions zoo)."""
+    return None if args.questions in (None, "zoo") else args.questions
 
-    if args.questions in (None, "zoo"):
-        return zoo_pope_folder(Path(args.out) / "pope_set", n_images=args.images)
+
+def _check_benchmark_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.images is not None and _own_questions(args) is not None:
+        parser.error(f"--images {args.images} sizes the built-in question set, but --questions {args.questions} "
+                     "gives the questions; drop --images (or --questions, to use the built-in set)")
+
+
+def _questions_folder(args: argparse.Namespace) -> Path:
+    from vlm_interp.hallucination.compare import ZOO_POPE_IMAGES, zoo_pope_folder
+
+    if _own_questions(args) is None:
+        n_images = ZOO_POPE_IMAGES if args.images is None else args.images
+        return zoo_pope_folder(Path(args.out) / "pope_set", n_images=n_images)
     return Path(args.questions)
 
 
@@ -165,7 +188,7 @@ def _chair(args: argparse.Namespace) -> int:
     vlm = vi.load(args.model)
     with _intervention(args, vlm):
         scores, metrics = run_chair(vlm, folder / "captions.jsonl", folder / "images", vocab=args.vocab,
-                                    prompt=args.prompt, limit=args.limit)
+                                    prompt=args.prompt, max_new_tokens=args.max_new_tokens, limit=args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "chair_captions.csv", scores.to_csv(index=False))
@@ -177,10 +200,9 @@ def _chair(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from vlm_interp.hallucination.compare import compare, markdown_table
 
-    questions = None if args.questions in (None, "zoo") else args.questions
-    result = compare(args.models, benchmark=args.benchmark, questions=questions, out=args.out, splits=args.splits,
-                     suffix=args.suffix, max_new_tokens=args.max_new_tokens,
-                     interventions=_named_interventions(args.intervention))
+    result = compare(args.models, benchmark=args.benchmark, questions=_own_questions(args), out=args.out,
+                     splits=args.splits, suffix=args.suffix, max_new_tokens=args.max_new_tokens,
+                     interventions=_named_interventions(args.intervention), n_images=args.images)
     print(markdown_table(result.table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi",
                                        "f1", "yes_ratio", "n"]]))
     if len(result.tests):
@@ -258,13 +280,21 @@ def _iri_plan(args: argparse.Namespace) -> int:
 
 
 def _add_benchmark_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of every benchmark command: where the questions come from and where results go."""
     p.add_argument("--questions", help="folder with <split>.jsonl, captions.jsonl and images/ (default: the built-in "
                    "shapes-world set, written to OUT/pope_set)")
-    p.add_argument("--images", type=int, default=400, help="images in the built-in set (default 400)")
+    p.add_argument("--images", type=_positive, help="images in the built-in set (default 400, as the organism cards "
+                   "use); not with --questions")
+    p.add_argument("--out", default=default_out)
+    p.set_defaults(check=lambda args: _check_benchmark_args(args, p))
+
+
+def _add_pope_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of the POPE commands (pope, compare)."""
+    _add_benchmark_args(p, default_out)
     p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
     p.add_argument("--suffix", default="", help="text appended to every question (recorded with each answer)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--out", default=default_out)
+    p.add_argument("--max-new-tokens", type=_positive, default=8, help="tokens generated per answer (default 8)")
 
 
 def _load_image(spec: str, question: str):
@@ -367,20 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tower", default="lm")
     tr.add_argument("--components", default="hidden,attn,mlp")
     tr.add_argument("--tokens", default="each", help="each | all | comma-separated token groups")
-    tr.add_argument("--window", type=int, default=1)
+    tr.add_argument("--window", type=_positive, default=1,
+                    help="layers restored together around each layer (ROME's window; default 1)")
     tr.add_argument("--metric", default="prob", choices=["prob", "logprob"])
     tr.add_argument("--out", default="vlm-interp-trace")
     tr.set_defaults(run=_trace)
     pope = sub.add_parser("pope", help="POPE on one model; shard with `accelerate launch -m vlm_interp.cli pope ...`")
     pope.add_argument("--model", default=DEFAULT_MODEL)
     pope.add_argument("--intervention", help=INTERVENTION_HELP)
-    _add_benchmark_args(pope, "vlm-interp-pope")
+    _add_pope_args(pope, "vlm-interp-pope")
     pope.set_defaults(run=_pope)
     chair = sub.add_parser("chair", help="CHAIR on captions generated by one model")
     chair.add_argument("--model", default=DEFAULT_MODEL)
     chair.add_argument("--vocab", default="shapes", help="built-in vocabulary (shapes, coco) or a JSON file")
     chair.add_argument("--prompt", default="Describe the image.")
-    chair.add_argument("--limit", type=int, help="caption only the first N images")
+    chair.add_argument("--limit", type=_positive, help="caption only the first N images")
+    chair.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens per caption (default 32)")
     chair.add_argument("--intervention", help=INTERVENTION_HELP)
     _add_benchmark_args(chair, "vlm-interp-chair")
     chair.set_defaults(run=_chair)
@@ -389,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--benchmark", default="pope", choices=["pope"])
     comp.add_argument("--intervention", action="append", help="[NAME=]SPEC, repeatable; every model is also run "
                       "without intervention. " + INTERVENTION_HELP)
-    _add_benchmark_args(comp, "vlm-interp-compare")
+    _add_pope_args(comp, "vlm-interp-compare")
     comp.set_defaults(run=_compare)
     heads = sub.add_parser("heads", help="attention-head scores for interventions")
     heads_sub = heads.add_subparsers(dest="heads_command", required=True)
@@ -397,12 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--model", default=DEFAULT_MODEL)
     hs.add_argument("--level", default="object", choices=["object", "attribute", "relation"],
                     help="shapes-world calibration questions: existence, colour or relation")
-    hs.add_argument("--n", type=int, default=100, help="calibration questions")
+    hs.add_argument("--n", type=_positive, default=100, help="calibration questions")
     hs.add_argument("--seed", type=int, default=20_011, help="calibration seed (disjoint from training and evaluation)")
     hs.add_argument("--tower", default="lm")
     hs.add_argument("--component", default="head", choices=["head", "xattn_head"])
     hs.add_argument("--ablation", default="mean", choices=["mean", "zero", "dataset_mean"])
-    hs.add_argument("--top", type=int, default=8, help="heads to print")
+    hs.add_argument("--top", type=_positive, default=8, help="heads to print")
     hs.add_argument("--out", default="head-scores.nc", help=".nc or .json; per-example parts go next to it")
     hs.set_defaults(run=_heads_score)
     iri = sub.add_parser("iri", help="intermediate representation injection plans")
@@ -410,10 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     ip = iri_sub.add_parser("plan", help="trace calibration questions (noise on the image) and plan IRI from the "
                             "layers whose last-token attention/MLP recover most")
     ip.add_argument("--model", default=DEFAULT_MODEL)
-    ip.add_argument("--n", type=int, default=60, help="calibration questions (positives; wrong answers skipped)")
+    ip.add_argument("--n", type=_positive, default=60, help="calibration questions (positives; wrong answers skipped)")
     ip.add_argument("--seed", type=int, default=20_011)
     ip.add_argument("--noise", default="3sd")
-    ip.add_argument("--k", type=int, default=2, help="source layers per component")
+    ip.add_argument("--k", type=_positive, default=2, help="source layers per component")
     ip.add_argument("--attn", type=float, default=0.5, help="coefficient of attention injection")
     ip.add_argument("--mlp", type=float, default=0.5, help="coefficient of MLP injection")
     ip.add_argument("--out", default="iri-plan.json")
@@ -425,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "check" in args:  # options that cannot be honoured together end here, with a usage error
+        args.check(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep the command's output to what it says itself
