@@ -78,7 +78,83 @@ def test_chair_max_new_tokens_limit_and_images(tmp_path):
     assert captions["length"].max() == 2  # --max-new-tokens (32 before, whatever was asked)
 
 
+def test_pope_resumed_with_other_settings_is_an_error_and_splits_are_honoured(tmp_path):
+    from vlm_interp.hallucination.pope import PopeFormatError
+
+    out = tmp_path / "pope"
+    common = ["pope", "--images", "1", "--max-new-tokens", "1", "--out", str(out)]
+    assert main([*common, "--model", "tiny:llava", "--splits", "random", "popular"]) == 0
+    assert set(pd.read_csv(out / "table.csv")["split"]) == {"random", "popular"}
+    assert main([*common, "--model", "tiny:llava", "--splits", "popular"]) == 0  # resumed: no question re-asked
+    assert set(pd.read_csv(out / "table.csv")["split"]) == {"popular"}
+    for changed, named in ((["--model", "tiny:blip"], "model='tiny:llava' (now 'tiny:blip')"),
+                           (["--model", "tiny:llava", "--max-new-tokens", "2"], "max_new_tokens=1 (now 2)"),
+                           (["--model", "tiny:llava", "--intervention", "scale:lm.head.0.0=0"],
+                            "intervention='none' (now 'scale:lm.head.0.0=0')")):
+        with pytest.raises(PopeFormatError, match=named.replace("(", r"\(").replace(")", r"\)")):
+            main([*common, "--splits", "random", *changed])
+
+
+def test_compare_resumed_with_a_changed_intervention_spec_is_an_error(tmp_path):
+    from vlm_interp.hallucination.pope import PopeFormatError
+
+    common = ["compare", "--models", "tiny:llava", "--images", "1", "--splits", "random", "--max-new-tokens", "1",
+              "--out", str(tmp_path)]
+    assert main([*common, "--intervention", "damp=scale:lm.head.0.0=0"]) == 0
+    with pytest.raises(PopeFormatError, match="intervention='scale:lm.head.0.0=0' \\(now 'scale:lm.head.0.0=0.5'\\)"):
+        main([*common, "--intervention", "damp=scale:lm.head.0.0=0.5"])
+
+
 # ---- heads score, iri plan ---------------------------------------------------------------------------------
+
+
+def test_heads_score_flags_reach_the_scores_and_a_changed_tower_is_an_error(tmp_path, capsys):
+    from vlm_interp.interventions import HeadScores, InterventionError
+
+    out = tmp_path / "scores.json"
+    common = ["heads", "score", "--model", "tiny:llava", "--level", "attribute", "--n", "2", "--seed", "5",
+              "--out", str(out)]
+    assert main([*common, "--tower", "vision", "--ablation", "zero", "--top", "3"]) == 0
+    scores = HeadScores.load(out)
+    assert list(scores.data.coords["example"].values) == ["attribute-5-0", "attribute-5-1"]
+    assert (scores.attrs["tower"], scores.attrs["ablation"], scores.attrs["level"]) == ("vision", "zero", "attribute")
+    printed = capsys.readouterr().out
+    assert printed.count("vision.head.") == 3  # --top
+    with pytest.raises(InterventionError, match="tower='vision' \\(now 'lm'\\)"):
+        main([*common, "--tower", "lm", "--ablation", "zero"])
+
+
+def test_iri_plan_flags_reach_the_plan_and_a_changed_noise_is_an_error(tmp_path):
+    """Traces one calibration question (needs the tracing fast path)."""
+    from vlm_interp.errors import ResumeError
+    from vlm_interp.interventions.iri import InjectionPlan
+
+    out = tmp_path / "plan.json"
+    common = ["iri", "plan", "--n", "1", "--seed", "7", "--out", str(out)]
+    assert main([*common, "--k", "1", "--attn", "0.3", "--mlp", "0.2", "--noise", "5sd"]) == 0
+    plan = InjectionPlan.load(out)
+    assert plan.notes["noise"] == "5sd" and plan.notes["k"] == 1
+    assert set(plan.coefficients.items()) <= {("attn", 0.3), ("mlp", 0.2)}
+    assert all(len(sources) == 1 for targets in plan.targets.values() for sources in targets.values())
+    assert [p.name for p in (tmp_path / "plan.parts").glob("object-7-*.json")]
+    with pytest.raises(ResumeError, match="noise='5sd' \\(now '3sd'\\)"):
+        main([*common, "--noise", "3sd"])
+
+
+def test_resumable_folders_record_their_settings(tmp_path):
+    from vlm_interp.errors import ResumeError
+    from vlm_interp.files import check_settings
+
+    folder = tmp_path / "parts"
+    check_settings(folder, {"model": "a", "noise": "3sd"})
+    check_settings(folder, {"model": "a", "noise": "3sd"})  # the same settings resume
+    with pytest.raises(ResumeError, match="noise='3sd' \\(now '5sd'\\); use another folder, or delete"):
+        check_settings(folder, {"model": "a", "noise": "5sd"})
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "key.json").write_text("{}")
+    with pytest.raises(ResumeError, match="model='\\(not recorded\\)'"):
+        check_settings(old, {"model": "a"})
 
 
 # ---- trace, zoo, sites ------------------------------------------------------------------------------------

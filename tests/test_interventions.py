@@ -312,7 +312,7 @@ def test_head_scores_resume_save_and_kinds(llava, image, other_image, tmp_path):
         np.testing.assert_allclose(back.data.values, scores.data.values)
         assert list(back.data.coords["correct"].values) == list(scores.data.coords["correct"].values)
         assert back.attrs["level"] == "object"
-    with pytest.raises(InterventionError, match="another ablation"):
+    with pytest.raises(InterventionError, match=r"ablation='mean' \(now 'zero'\)"):
         score_heads(llava, examples, folder=tmp_path / "s", ablation="zero", progress=False)
     dataset = score_heads(llava, examples, ablation="dataset_mean", progress=False)
     assert np.isfinite(dataset.data.values).all()

@@ -166,7 +166,7 @@ def _pope(args: argparse.Namespace) -> int:
     vlm = vi.load(args.model)
     with _intervention(args, vlm):
         frame = run_pope_sharded(vlm, items, folder / "images", Path(args.out), suffix=args.suffix,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, intervention=args.intervention or "none")
     if process_rank()[0] == 0:
         table = pope_table(frame)
         atomic_write(Path(args.out) / "table.csv", table.to_csv(index=False))
@@ -256,17 +256,19 @@ def _heads_score(args: argparse.Namespace) -> int:
 def _iri_plan(args: argparse.Namespace) -> int:
     import vlm_interp as vi
     from vlm_interp.corruptions import noise
+    from vlm_interp.files import check_settings
     from vlm_interp.interventions import plan_from_recovery
     from vlm_interp.tracing.dataset import trace_dataset
     from vlm_interp.zoo.calibration import calibration_examples
 
     vlm = vi.load(args.model)
     out = Path(args.out)
+    parts = out.with_suffix(".parts")  # one trace per question, kept for resuming (its key names --seed)
+    check_settings(parts, {"model": vlm.name, "noise": args.noise}, fix="use another --out")
     examples = calibration_examples(vlm, "object", args.n, seed=args.seed, positive_only=True)
     pairs = [(key, lambda ex=ex: (ex, noise(vlm, ex, scale=args.noise, tokens="image", seed=0)))
              for key, ex in examples]
-    result = trace_dataset(vlm, pairs, out.with_suffix(".parts"), components=("lm.attn", "lm.mlp"),
-                           tokens=("last",))
+    result = trace_dataset(vlm, pairs, parts, components=("lm.attn", "lm.mlp"), tokens=("last",))
     summary = result.summary()
     rr = summary["mean"].isel(position=0, drop=True)
     plan = plan_from_recovery(rr, k=args.k, coefficients={"attn": args.attn, "mlp": args.mlp})

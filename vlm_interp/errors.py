@@ -39,3 +39,7 @@ class ImageTokenMismatchError(VLMInterpError, ValueError):
 
 class AnswerEncodingError(VLMInterpError, ValueError):
     """An answer cannot be encoded by the tokenizer (empty, unknown tokens, misaligned)."""
+
+
+class ResumeError(VLMInterpError, ValueError):
+    """A folder a run would resume from holds results made with other settings than the run's own."""

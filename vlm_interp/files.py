@@ -1,4 +1,5 @@
-"""Files: JSON-lines reading whose errors name file and line, and atomic writes (never half-written)."""
+"""Files: JSON-lines reading whose errors name file and line, atomic writes (never half-written), and the
+settings a resumable folder's results were made with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .errors import ResumeError
 
 
 def jsonl_rows(path: "str | Path", error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
@@ -56,3 +59,33 @@ def atomic_write(path: "str | Path", data: "str | bytes") -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
+
+
+def changed_settings(recorded: dict, wanted: dict) -> str:
+    """'' when ``recorded`` holds every setting of ``wanted`` unchanged, else ``key=old (now new)`` for each change."""
+    return ", ".join(f"{key}={recorded.get(key, '(not recorded)')!r} (now {value!r})"
+                     for key, value in wanted.items() if recorded.get(key) != value)
+
+
+def check_settings(folder: "str | Path", settings: dict, error: type[Exception] = ResumeError,
+                   fix: str = "use another folder") -> None:
+    """Record ``settings`` in ``folder/settings.json``, or check that a resumed folder was made with them.
+
+    A folder that already holds results but no record (made before records were kept), or a record
+    that differs, raises ``error`` naming each setting that changed, so that a rerun with other
+    settings never silently reuses results made another way.
+    """
+    folder = Path(folder)
+    record = folder / "settings.json"
+    if record.exists():
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    elif folder.exists() and any(folder.iterdir()):
+        recorded = {}
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, json.dumps(settings, indent=1))
+        return
+    changed = changed_settings(recorded, settings)
+    if changed:
+        raise error(f"{folder} holds results made with other settings: {changed}; {fix}, or delete {folder} "
+                    "to start over")

@@ -133,7 +133,9 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
     ``questions`` is a folder with ``<split>.jsonl`` and ``images/``; ``None`` uses the built-in
     shapes-world set over ``n_images`` images (default 400; only for the built-in set). Writes
     ``table.csv``, ``table.md``, ``tests.csv`` and ``compare.png`` to ``out``; per-question answers
-    stay in ``out/<system>/results.jsonl`` and interrupted runs resume from them.
+    stay in ``out/<system>/results.jsonl`` and interrupted runs resume from them. Each answer
+    records its intervention's ``spec`` (as :func:`~vlm_interp.interventions.from_spec` sets it) or
+    else its name, so a resumed system whose intervention changed is an error, not a silent mix.
     """
     from ..loading import load
 
@@ -160,7 +162,8 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
             needed = make is not None and unanswered(items, out / slug(system), rank, world) > 0
             with make(vlm) if needed else contextlib.nullcontext():
                 frame = run_pope_sharded(vlm, items, folder / "images", out / slug(system), suffix=suffix,
-                                         max_new_tokens=max_new_tokens, progress=progress)
+                                         max_new_tokens=max_new_tokens, progress=progress,
+                                         intervention=getattr(make, "spec", name))
             results[system] = frame
             tables.append(pope_table(frame, n_boot=n_boot).assign(system=system, intervention=name))
     table = pd.concat(tables, ignore_index=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VLMInterpError
 from ..example import Example
-from ..files import atomic_write, jsonl_rows, jsonl_text
+from ..files import atomic_write, changed_settings, jsonl_rows, jsonl_text
 from ..model import VLM
 from .answers import is_explicit, parse_yes_no
 from .metrics import binary_metrics_with_ci
@@ -117,14 +117,31 @@ def answer(vlm: VLM, item: PopeItem, image: Image.Image, suffix: str, max_new_to
     }
 
 
+def _check_resumable(done: dict[tuple[str, int], dict], items: Sequence[PopeItem], results: Path,
+                     settings: dict) -> None:
+    """Kept answers must have been made with ``settings`` and to the same questions; anything else is an error."""
+    for row in done.values():
+        changed = changed_settings(row, settings)
+        if changed:
+            raise PopeFormatError(f"{results} holds answers made with other settings: {changed}; "
+                                  "use another results file (--out)")
+    for item in items:
+        row = done.get((item.split, item.question_id))
+        if row is not None and (row["image"], row["text"]) != (item.image, item.text):
+            raise PopeFormatError(f"{results} holds an answer to {item.split} question {item.question_id} that asked "
+                                  f"{row['text']!r} about {row['image']}, but it now asks {item.text!r} about "
+                                  f"{item.image}: the questions changed; use another results file (--out)")
+
+
 def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results: "str | Path",
              suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, rank: int = 0, world_size: int = 1,
-             progress: bool = True, also_done: Iterable["str | Path"] = ()) -> Path:
+             progress: bool = True, also_done: Iterable["str | Path"] = (), intervention: str = "none") -> Path:
     """Answer ``items`` (this rank's share) and append each answer to ``results`` as one JSON line.
 
-    Questions already in ``results`` (or in the ``also_done`` files of other ranks) are skipped
-    (resume); an existing answer given with another prompt suffix is an error rather than a
-    silent mix.
+    Every answer records the model, prompt suffix, ``max_new_tokens`` and ``intervention`` (a label
+    of the intervention the caller attached). Questions already in ``results`` (or in the
+    ``also_done`` files of other ranks) are skipped (resume); an existing answer made with other
+    settings, or to another question under the same id, is an error rather than a silent mix.
     """
     results = Path(results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -132,17 +149,15 @@ def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results:
     for other in also_done:
         if Path(other) != results:
             done.update(_done(Path(other)))
-    for row in done.values():
-        if row["suffix"] != suffix:
-            raise PopeFormatError(f"{results} holds answers made with suffix {row['suffix']!r}, not {suffix!r}; "
-                                  "use another results file")
+    settings = {"model": vlm.name, "suffix": suffix, "max_new_tokens": max_new_tokens, "intervention": intervention}
+    _check_resumable(done, items, results, settings)
     mine = [it for k, it in enumerate(items) if k % world_size == rank and (it.split, it.question_id) not in done]
     with open(results, "a", encoding="utf-8") as out:
         for item in tqdm(mine, desc=f"POPE {vlm.name} (rank {rank})", disable=not progress):
             path = Path(images) / item.image
             if not path.exists():
                 raise PopeFormatError(f"image {item.image!r} of question {item.question_id} not found in {images}")
-            row = answer(vlm, item, Image.open(path).convert("RGB"), suffix, max_new_tokens)
+            row = {**answer(vlm, item, Image.open(path).convert("RGB"), suffix, max_new_tokens), **settings}
             out.write(json.dumps(row) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -200,11 +215,14 @@ def unanswered(items: Sequence[PopeItem], folder: "str | Path", rank: int = 0, w
 
 
 def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", folder: "str | Path",
-                     suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, progress: bool = True) -> pd.DataFrame:
+                     suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, progress: bool = True,
+                     intervention: str = "none") -> pd.DataFrame:
     """Answer all ``items`` across the processes of an ``accelerate launch`` (or alone), then merge.
 
     Each rank appends to ``folder/parts/rank<r>.jsonl``; the results of all parts are merged,
-    without loss or duplication, into ``folder/results.jsonl`` by the main process.
+    without loss or duplication, into ``folder/results.jsonl`` by the main process. The answers
+    returned are those to ``items`` only, even where the folder keeps answers to other questions
+    (other splits, a larger set) from earlier runs.
     """
     folder = Path(folder)
     parts = folder / "parts"
@@ -212,16 +230,18 @@ def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", 
     rank, world, state = process_rank()
     existing = sorted(parts.glob("rank*.jsonl"))
     run_pope(vlm, items, images, parts / f"rank{rank}.jsonl", suffix, max_new_tokens, rank, world, progress,
-             also_done=existing)
+             also_done=existing, intervention=intervention)
     if state is not None:
         state.wait_for_everyone()
     merged = folder / "results.jsonl"
+    wanted = {(i.split, i.question_id) for i in items}
     if rank == 0:
         frame = merge_results(sorted(parts.glob("rank*.jsonl")), merged)
-        wanted = {(i.split, i.question_id) for i in items}
         have = set(zip(frame["split"], frame["question_id"]))
         if not wanted <= have:
             raise PopeFormatError(f"{len(wanted - have)} questions have no answer after the run; rerun to resume")
     if state is not None:
         state.wait_for_everyone()
-    return load_results(merged)
+    frame = load_results(merged)
+    asked = [key in wanted for key in zip(frame["split"], frame["question_id"])]
+    return frame[asked].reset_index(drop=True)

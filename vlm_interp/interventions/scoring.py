@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..corruptions.base import applied
 from ..example import Example
-from ..files import atomic_write
+from ..files import atomic_write, changed_settings
 from ..hooks import Hook
 from ..sites import HEAD_COMPONENTS, Site
 from ..tracing.engine import repeat_inputs
@@ -154,7 +154,8 @@ def score_heads(vlm, examples: Sequence[tuple[str, Example]] | Sequence[Example]
     """Score every head of ``tower`` by ablation on each example; resumable through ``folder``.
 
     ``examples`` are Examples with answers, or ``(key, example)`` pairs; with ``folder`` each
-    example's scores go to ``folder/<key>.json`` and a rerun skips finished keys.
+    example's scores go to ``folder/<key>.json`` and a rerun skips finished keys. Each record names
+    the model, tower, component and ablation it was made with; a rerun with others is an error.
     """
     if ablation not in ABLATIONS:
         raise InterventionError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
@@ -167,19 +168,22 @@ def score_heads(vlm, examples: Sequence[tuple[str, Example]] | Sequence[Example]
     folder = Path(folder) if folder is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+    settings = {"model": vlm.name, "tower": tower, "component": component, "ablation": ablation}
     rows = []
     for key, ex in tqdm(items, desc=f"scoring {tower} heads", disable=not progress):
         done = folder / f"{key}.json" if folder is not None else None
         if done is not None and done.exists():
             rows.append(json.loads(done.read_text()))
             continue
-        row = {"key": key, "ablation": ablation, **score_example(vlm, ex, tower, component, ablation, means, batch_size)}
+        row = {"key": key, **settings, **score_example(vlm, ex, tower, component, ablation, means, batch_size)}
         if done is not None:
             atomic_write(done, json.dumps(row))
         rows.append(row)
-    stale = [r["key"] for r in rows if r["ablation"] != ablation]
+    stale = [r for r in rows if changed_settings(r, settings)]
     if stale:
-        raise InterventionError(f"{folder} holds scores made with another ablation for {stale[:5]}; use a new folder")
+        raise InterventionError(f"{folder} holds scores made with other settings "
+                                f"({changed_settings(stale[0], settings)}) for {[r['key'] for r in stale[:5]]}; "
+                                "use a new folder (--out)")
     data = xr.DataArray(np.array([r["effect"] for r in rows]), dims=("example", "layer", "head"),
                         coords={"example": [r["key"] for r in rows], "layer": rows[0]["layers"],
                                 "head": list(range(vlm.adapter.n_heads[tower])),

@@ -45,7 +45,16 @@ def _number(value: str, what: str, spec: str) -> float:
 
 
 def from_spec(spec: str) -> Callable[[object], ContextManager]:
-    """The intervention named by ``spec`` (see the module docstring), ready for compare()."""
+    """The intervention named by ``spec`` (see the module docstring), ready for compare().
+
+    The function carries ``spec`` as its attribute ``spec``, which compare() records with every answer.
+    """
+    make = _build(spec)
+    make.spec = spec
+    return make
+
+
+def _build(spec: str) -> Callable[[object], ContextManager]:
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
         raise InterventionError(f"unknown intervention {spec!r}; kinds are {KINDS} (e.g. vhr:alpha=2)")
