@@ -33,3 +33,34 @@ def other_image() -> Image.Image:
 def run_logits(vlm: vi.VLM, ex: vi.Example) -> torch.Tensor:
     with torch.no_grad():
         return vlm.logits(ex.inputs)
+
+
+# Test modules that exercise transformers' internals most closely (the fast tracing path, generation) turn
+# transformers' deprecations into errors: a keyword or class that a release deprecates fails them at once.
+STRICT_TRANSFORMERS = [
+    pytest.mark.filterwarnings("error::FutureWarning"),
+    pytest.mark.filterwarnings("error::DeprecationWarning"),
+    pytest.mark.usefixtures("no_transformers_deprecations"),
+]
+
+
+@pytest.fixture
+def no_transformers_deprecations():
+    """Fail when transformers logs a deprecation (it logs some, such as renamed keywords, instead of warning)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    deprecated = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    assert not deprecated, f"transformers logged deprecations: {deprecated}"

@@ -321,6 +321,7 @@ def _trace(args: argparse.Namespace) -> int:
     import vlm_interp as vi
     from vlm_interp.corruptions import from_spec
     from vlm_interp.tracing import trace
+    from vlm_interp.tracing.engine import FAST_PATHS
     from vlm_interp.tracing.plot import plot_image_effects, plot_trace
 
     vlm = vi.load(args.model)
@@ -336,7 +337,8 @@ def _trace(args: argparse.Namespace) -> int:
     corrupt.meta["corruption"] = args.corrupt
     tokens = args.tokens if args.tokens in ("each", "all") else args.tokens.split(",")
     components = [c if "." in c else f"{args.tower}.{c}" for c in args.components.split(",")]
-    tr = trace(vlm, ex, corrupt, components=components, tokens=tokens, window=args.window, metric=args.metric)
+    tr = trace(vlm, ex, corrupt, components=components, tokens=tokens, window=args.window, metric=args.metric,
+               fast_path=FAST_PATHS[args.path])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [tr.save(out / "trace.json"), plot_trace(tr, out / "trace.png")]
@@ -346,7 +348,7 @@ def _trace(args: argparse.Namespace) -> int:
     best = rr.where(rr == rr.max(), drop=True)
     summary = {"question": args.question, "answer": answer, "corruption": args.corrupt,
                "clean_score": tr.attrs["clean_score"], "corrupt_score": tr.attrs["corrupt_score"],
-               "metric": args.metric, "best_cell": {k: str(v.values[0]) for k, v in best.coords.items()},
+               "metric": args.metric, "path": args.path, "best_cell": {k: str(v.values[0]) for k, v in best.coords.items()},
                "best_rr": float(rr.max())}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{args.question} -> {answer!r}: {args.metric} clean {summary['clean_score']:.4f}, corrupted "
@@ -402,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--window", type=_positive, default=1,
                     help="layers restored together around each layer (ROME's window; default 1)")
     tr.add_argument("--metric", default="prob", choices=["prob", "logprob"])
+    tr.add_argument("--path", default="auto", choices=["auto", "fast", "general"],
+                    help="auto: start LM cells inside the LM where that applies, else whole-model forwards with a "
+                         "warning (same numbers); fast: require the fast path (error if it cannot apply); general: "
+                         "whole-model forwards only")
     tr.add_argument("--out", default="vlm-interp-trace")
     tr.set_defaults(run=_trace)
     pope = sub.add_parser("pope", help="POPE on one model; shard with `accelerate launch -m vlm_interp.cli pope ...`")

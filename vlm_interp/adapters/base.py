@@ -21,6 +21,22 @@ Slot = tuple[str, HookKind]  # (path relative to the layer, "" for the layer its
 
 
 @dataclass(frozen=True)
+class Replay:
+    """How the fast tracing path replays one keyword a decoder layer was called with.
+
+    ``kind``: ``"sequence"`` (a tensor with a positions axis, cut to the run's positions),
+    ``"pair"`` (a tuple of such tensors, as rotary ``(cos, sin)``), ``"mask"`` (an attention
+    mask (batch, heads, queries, keys), ``None``, or a dict of them per layer type; queries
+    and keys are cut), or ``"constant"`` (a value that holds for any positions, such as a flag).
+    ``seq_axis`` and ``batch_axis`` say where positions and batch rows are (``None``: no batch axis).
+    """
+
+    kind: Literal["sequence", "pair", "mask", "constant"]
+    seq_axis: int = -1
+    batch_axis: int | None = 0
+
+
+@dataclass(frozen=True)
 class Tower:
     """One stack of layers: where it lives, what each component is, how many heads it has.
 
@@ -38,6 +54,10 @@ class Tower:
     # (final norm, LM head). A trailing "?" marks a module a config may leave out (OPT's project_out).
     # Only answer-producing decoder towers have it; the fast tracing path runs layers then these.
     tail: tuple[str, ...] = ()
+    # The keywords its layers may be called with that the fast tracing path can replay for a suffix of
+    # positions (the key/value cache is found by type, not listed). Any other keyword with a value
+    # makes the fast path decline. Families with other position encodings extend it (M-RoPE ids).
+    replay: dict[str, Replay] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

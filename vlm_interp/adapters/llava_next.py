@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from .. import compat
 from .base import Adapter
 from .llava import clip_vision_tower
 from .tables import lm_tower
@@ -11,14 +14,11 @@ MODEL_CLASSES = ("LlavaNextForConditionalGeneration",)
 
 def highres_grid(config, image_size: tuple[int, int]) -> tuple[int, int]:
     """(rows, cols) of the unpadded high-resolution feature grid for an image of (height, width)."""
-    import torch
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
     side = config.vision_config.image_size
     grid = side // config.vision_config.patch_size
-    tiles_h, tiles_w = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, side)
+    tiles_h, tiles_w = compat.anyres_grid_shape(image_size, config.image_grid_pinpoints, side)
     features = torch.zeros(1, tiles_h * grid, tiles_w * grid)
-    rows, cols = unpad_image(features, torch.tensor(image_size)).shape[-2:]
+    rows, cols = compat.unpad_image(features, torch.tensor(image_size)).shape[-2:]
     return int(rows), int(cols)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UnknownArchitectureError
-from .base import Slot, Tower
+from .base import Replay, Slot, Tower
 
 # Decoder-only language models, keyed by the text config's model_type.
 LLAMA_LAYER: dict[str, Slot] = {
@@ -28,6 +28,16 @@ LM_LAYERS = {
     "mistral": ("layers", LLAMA_LAYER, LLAMA_TAIL),
     "qwen2": ("layers", LLAMA_LAYER, LLAMA_TAIL),
     "opt": ("decoder.layers", OPT_LAYER, OPT_TAIL),
+}
+
+# What a decoder layer of these LMs is called with, besides its input and its key/value cache.
+DECODER_REPLAY: dict[str, Replay] = {
+    "attention_mask": Replay("mask"),
+    "position_ids": Replay("sequence", seq_axis=-1, batch_axis=0),  # (batch, positions)
+    "cache_position": Replay("sequence", seq_axis=-1, batch_axis=None),  # (positions,)
+    "position_embeddings": Replay("pair", seq_axis=-2, batch_axis=0),  # rotary (cos, sin), each (batch, positions, dim)
+    "use_cache": Replay("constant"),
+    "output_attentions": Replay("constant"),
 }
 
 # Vision encoders.
@@ -83,4 +93,5 @@ def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_con
         kv_heads=kv,
         description=f"{kind} decoder",
         tail=tuple(f"{base_path}.{t}" for t in tail) + (lm_head,),
+        replay=DECODER_REPLAY,
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import compat
 from ..errors import VLMInterpError
 from ..hooks import Hook
 
@@ -36,13 +37,12 @@ def require_decoder_lm(vlm, what: str) -> None:
         )
 
 
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    raise InterventionError(f"cannot read the length of a {type(cache).__name__} key/value cache; "
-                            "use a transformers Cache object (the default in generate)")
+def _cache_length(kwargs: dict[str, Any]) -> int:
+    """Positions already in the key/value cache a call received (found by type, whatever its keyword)."""
+    try:
+        return compat.cache_length(compat.find_cache(kwargs)[1])
+    except compat.CompatibilityError as err:
+        raise InterventionError(str(err)) from None
 
 
 class StepTracker:
@@ -85,7 +85,7 @@ class StepTracker:
         length = (x if x is not None else ids).shape[1]
         if ids is None and self._last_ids is not None and self._last_ids.shape[1] == length:
             ids = self._last_ids
-        past = _cache_length(kwargs.get("past_key_values"))
+        past = _cache_length(kwargs)
         continues = past > 0 or (
             self.prompt_ids is not None and ids is not None and length > self.prompt_ids.shape[1]
             and ids.shape[0] == self.prompt_ids.shape[0]

@@ -49,7 +49,8 @@ def _window(layer: int, window: int, n_layers: Sequence[int]) -> list[int]:
 
 def trace(vlm, clean: Example, corrupt: Example, components: Sequence[str] = ("lm.hidden", "lm.attn", "lm.mlp"),
           tokens="each", window: int = 1, metric: str = "prob", answer: str | None = None, other: str | None = None,
-          direction: str = "restore", batch_size: "int | str" = "auto", progress: bool = True) -> Trace:
+          direction: str = "restore", batch_size: "int | str" = "auto", progress: bool = True,
+          fast_path: "bool | str" = "auto") -> Trace:
     """Effect on the answer of restoring each component at each layer and position.
 
     ``components`` are ``tower.component`` names (``lm.hidden``, ``vision.mlp``,
@@ -59,6 +60,8 @@ def trace(vlm, clean: Example, corrupt: Example, components: Sequence[str] = ("l
     ``"noise"`` patches corrupted activations into the clean run. Head components give a
     (layer, head, position) grid. ``batch_size`` is the number of cells per forward or
     ``"auto"`` (from the free memory; see :func:`~vlm_interp.tracing.engine.run_cells`).
+    ``fast_path``: ``"auto"`` (the fast path for LM sites where it applies, else a warning and
+    whole-model forwards), ``True`` (require it) or ``False`` (whole-model forwards only).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -90,7 +93,7 @@ def trace(vlm, clean: Example, corrupt: Example, components: Sequence[str] = ("l
                     coords.append((comp, layer, head, k))
     source = capture(vlm, source_ex, {s for c in cells for s in c.sites})
     values = run_cells(vlm, base, source, cells, m, batch_size=batch_size, progress=progress,
-                       desc=f"trace {tower}").numpy()
+                       desc=f"trace {tower}", fast_path=fast_path).numpy()
     comps = [c for _, c in specs]
     n_layers = vlm.adapter.n_layers[tower]
     shape = [len(comps), n_layers] + ([vlm.adapter.n_heads[tower]] if heads else []) + [len(positions)]

@@ -15,6 +15,7 @@ whole-model forwards. ``batch_size="auto"`` sizes batches from the free memory.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
@@ -269,36 +270,76 @@ def _run_from_lm(vlm, start: fast.LMStart, source, cells: Sequence[Cell], metric
     return out
 
 
+FastPath = bool | Literal["auto"]
+FAST_PATHS = {"auto": "auto", "fast": True, "general": False}  # the command line's names for the choices
+
+
+class FastPathWarning(UserWarning):
+    """The fast tracing path did not apply, or fell back to whole-model forwards; the numbers are those of the latter."""
+
+
+class FastPathError(RuntimeError):
+    """``fast_path=True`` was asked for and the fast tracing path cannot apply."""
+
+
+def _lm_start(vlm, base: Example, fast_path: FastPath) -> fast.LMStart | None:
+    """The fast path's recorded state, or ``None`` (with a warning, or an error when it was required)."""
+    start, why = fast.lm_start(vlm, base)
+    if start is None:
+        if fast_path is True:
+            raise FastPathError(f"fast_path=True, but the fast tracing path cannot apply: {why}; "
+                                "use fast_path='auto' (falls back) or False")
+        warnings.warn(f"LM cells run whole-model forwards (slower, same numbers): {why}", FastPathWarning,
+                      stacklevel=3)
+    elif start.why_no_kv:
+        warnings.warn(f"the fast tracing path recomputes every position (no key/value reuse): {start.why_no_kv}",
+                      FastPathWarning, stacklevel=3)
+    return start
+
+
 def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Sequence[Cell], metric: Metric,
               batch_size: BatchSize = "auto", progress: bool = True, desc: str = "patching",
-              fast_path: bool = True) -> torch.Tensor:
+              fast_path: FastPath = "auto") -> torch.Tensor:
     """``metric`` of the base run with each cell's sites restored from ``source``; shape (len(cells),).
 
     Cells whose sites are all in the LM of a causal-decoder family start at their earliest
     layer and position from the base run's recorded state (:mod:`vlm_interp.tracing.fast`),
-    so the vision tower and the unchanged prefix run once; other cells, or all of them when
-    that does not apply (or ``fast_path=False``), run whole-model forwards. Both give the
-    same results.
+    so the vision tower and the unchanged prefix run once; other cells run whole-model
+    forwards. Both give the same results. ``fast_path``: ``"auto"`` uses the fast path where
+    it applies and otherwise warns (:class:`FastPathWarning`) and runs whole-model forwards,
+    also when a fast batch raises anything but running out of memory; ``True`` requires it
+    (:class:`FastPathError` when it cannot apply; errors propagate); ``False`` never uses it.
 
     ``batch_size`` is the number of cells per forward, or ``"auto"``: a quarter of the free
     memory (CUDA free memory, else available RAM) divided by the estimated bytes of one
     row (:func:`row_bytes`: positions x width x (3 x layers + 8) per tower run, one head's
     attention scores per head, the logits), clipped to 1..64 and to the number of cells.
     """
+    if fast_path not in (True, False, "auto"):
+        raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}")
     _check_cells(cells, source)
     lm_cells = [i for i, c in enumerate(cells) if all(s.tower == fast.TOWER for s in c.sites)] if fast_path else []
-    start = fast.lm_start(vlm, base)[0] if lm_cells else None
-    quick = set(lm_cells) if start is not None else set()
-    rest = [i for i in range(len(cells)) if i not in quick]
+    start = _lm_start(vlm, base, fast_path) if lm_cells else None
+    quick = sorted(lm_cells) if start is not None else []
+    rest = [i for i in range(len(cells)) if i not in set(quick)]
     out = torch.empty(len(cells))
     with tqdm(total=len(cells), desc=desc, disable=not progress, leave=False) as bar:
+        if quick:
+            done, size = bar.n, _batch_size(vlm, base, batch_size, len(quick), start)
+            try:
+                out[quick] = _run_from_lm(vlm, start, source, [cells[i] for i in quick], metric, size, bar)
+            except (torch.OutOfMemoryError, MemoryError, SiteError):
+                raise
+            except Exception as err:  # noqa: BLE001 - any other failure of the fast path: fall back, loudly
+                if fast_path is True:
+                    raise
+                warnings.warn(f"the fast tracing path failed ({type(err).__name__}: {err}); its cells run "
+                              "whole-model forwards instead (slower, same numbers)", FastPathWarning, stacklevel=2)
+                bar.n = done
+                rest = sorted(rest + quick)
         if rest:
             size = _batch_size(vlm, base, batch_size, len(rest))
             out[rest] = _run_whole(vlm, base, source, [cells[i] for i in rest], metric, size, bar)
-        if quick:
-            size = _batch_size(vlm, base, batch_size, len(quick), start)
-            index = sorted(quick)
-            out[index] = _run_from_lm(vlm, start, source, [cells[i] for i in index], metric, size, bar)
     return out
 
 

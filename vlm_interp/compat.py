@@ -1,0 +1,143 @@
+"""Everything vlm-interp knows about transformers versions, in one module.
+
+The rest of the package uses public names only. What changes between transformers releases
+(the keyword a decoder layer takes its key/value cache under, how a cache exposes its
+tensors, where the attention implementation is recorded, private helpers some families
+need) is read here, by type and by feature rather than by version number where possible:
+
+- the key/value cache is found among a call's keywords by its type (transformers' public
+  :class:`~transformers.Cache`), never by keyword name: 5.24 renamed ``past_key_values`` to
+  ``cache`` in every decoder layer and base model (the old name is a deprecated alias);
+- a cache's per-layer keys and values are read from ``cache.layers[i].keys/.values`` (the
+  layout since 5.0), and a fresh cache for replays is a plain :class:`~transformers.DynamicCache`;
+- LLaVA-NeXT's any-resolution geometry uses two module-level helpers of its modeling file,
+  wrapped here under names of ours so that a move or rename breaks one place, with a clear error.
+
+``TESTED`` is the declared range: the suite runs at both ends in CI. A newer release than the
+ceiling gets a warning once; the tracing fast path still guards itself with its self-check.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+
+from .errors import VLMInterpError
+
+# The oldest and the newest transformers releases the test suite runs on (pyproject.toml declares the same).
+TESTED = ("5.6.0", "5.24.0")
+VERSION = Version(transformers.__version__)
+
+
+class CompatibilityError(VLMInterpError, RuntimeError):
+    """This transformers release lacks something vlm-interp needs, or moved it."""
+
+
+def check_version() -> str | None:
+    """Warn (once per process) when transformers is outside the tested range; returns the message."""
+    floor, ceiling = (Version(v) for v in TESTED)
+    if VERSION < floor:
+        message = (f"transformers {VERSION} is older than the oldest release vlm-interp is tested with ({floor}); "
+                   f"install transformers>={floor}")
+    elif VERSION.release[:2] > ceiling.release[:2]:
+        message = (f"transformers {VERSION} is newer than the newest release vlm-interp is tested with "
+                   f"({ceiling}); results are guarded by self-checks, but report any error you meet")
+    else:
+        return None
+    warnings.warn(message, UntestedTransformersWarning, stacklevel=2)
+    return message
+
+
+class UntestedTransformersWarning(UserWarning):
+    """transformers is outside the range the test suite runs on."""
+
+
+# ---- key/value caches ------------------------------------------------------------------
+def is_cache(value: Any) -> bool:
+    """Whether ``value`` is a transformers key/value cache object."""
+    return isinstance(value, transformers.Cache)
+
+
+def find_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
+    """(keyword, cache) of the one key/value cache among a call's keywords; ``(None, None)`` when there is none.
+
+    A keyword holding ``None`` under a known cache name counts as "no cache, under that name",
+    so that a replay hands its fresh cache to the keyword the model itself used.
+    """
+    found = [(k, v) for k, v in kwargs.items() if is_cache(v)]
+    if len(found) > 1:
+        raise CompatibilityError(f"a call received {len(found)} key/value caches ({[k for k, _ in found]}); "
+                                 "vlm-interp expects at most one")
+    if found:
+        return found[0]
+    for name in CACHE_KEYWORDS:
+        if name in kwargs:
+            return name, None
+    return None, None
+
+
+# keyword names a cache has been passed under, newest first; only used when the value is None (see find_cache)
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+
+
+def new_cache() -> Any:
+    """An empty dynamic key/value cache whose layers are created as they are filled."""
+    return transformers.DynamicCache()
+
+
+def cache_entries(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of ``cache``, each (batch, kv_heads, positions, head_dim)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise CompatibilityError(f"{type(cache).__name__} has no per-layer list (.layers); cannot read its keys "
+                                 f"and values with transformers {VERSION}")
+    out = []
+    for j, layer in enumerate(layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (torch.is_tensor(keys) and torch.is_tensor(values)):
+            raise CompatibilityError(f"layer {j} of the {type(cache).__name__} holds no key and value tensors")
+        out.append((keys, values))
+    return out
+
+
+def cache_length(cache: Any) -> int:
+    """Positions already in ``cache`` (0 for ``None``)."""
+    if cache is None:
+        return 0
+    if not hasattr(cache, "get_seq_length"):
+        raise CompatibilityError(f"cannot read the length of a {type(cache).__name__} key/value cache; "
+                                 "use a transformers Cache object (the default in generate)")
+    return int(cache.get_seq_length())
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention implementation a (text) config was loaded with: 'sdpa', 'eager', ...
+
+    transformers keeps it in a private attribute; this is the one place that reads it.
+    """
+    return getattr(config, "_attn_implementation", None)
+
+
+# ---- private helpers of modeling files --------------------------------------------------
+def _llava_next_helper(name: str):
+    from transformers.models.llava_next import modeling_llava_next
+
+    helper = getattr(modeling_llava_next, name, None)
+    if helper is None:
+        raise CompatibilityError(f"transformers {VERSION} has no llava_next.modeling_llava_next.{name}; "
+                                 f"LLaVA-NeXT image geometry needs it (tested with {TESTED[0]}..{TESTED[1]})")
+    return helper
+
+
+def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints, patch_size: int) -> tuple[int, int]:
+    """(tiles high, tiles wide) LLaVA-NeXT picks for an image of (height, width)."""
+    return tuple(_llava_next_helper("get_anyres_image_grid_shape")(image_size, grid_pinpoints, patch_size))
+
+
+def unpad_image(features: torch.Tensor, original_size: torch.Tensor) -> torch.Tensor:
+    """LLaVA-NeXT's removal of the padding rows or columns from a (channels, height, width) feature map."""
+    return _llava_next_helper("unpad_image")(features, original_size)
