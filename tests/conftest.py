@@ -57,10 +57,13 @@ def no_transformers_deprecations():
 
     handler = Collect(level=logging.WARNING)
     logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the command line lowers it to errors for its own output
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     deprecated = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
     assert not deprecated, f"transformers logged deprecations: {deprecated}"

@@ -161,7 +161,7 @@ def test_resumable_folders_record_their_settings(tmp_path):
 
 
 def test_trace_flags_reach_the_trace(tmp_path):
-    """Needs the tracing fast path."""
+    """Every trace option reaches the trace; --path is tested with the fast path (tests/test_trace_fast.py)."""
     from vlm_interp.tracing import Trace
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
     from vlm_interp.zoo.shapes import World
@@ -177,6 +177,9 @@ def test_trace_flags_reach_the_trace(tmp_path):
     tr = Trace.load(out / "trace.json")
     assert tr.attrs["window"] == 3 and list(tr.data.coords["group"].values) == ["object", "last"]
     assert set(tr.data.coords["component"].values) == {"attn", "mlp"}
+    with pytest.raises(SystemExit):  # a component of another tower than --tower is a usage error
+        main(["trace", "--model", "tiny:llava", "--image", str(image), "--question", "Is there a circle?",
+              "--tower", "vision", "--components", "lm.hidden", "--out", str(out)])
 
 
 def test_zoo_train_flags_reach_the_recipe(tmp_path, monkeypatch):

@@ -14,7 +14,9 @@ from vlm_interp.interventions import (HeadScores, InjectionPlan, InterventionErr
 from vlm_interp.interventions.scoring import score_example
 from vlm_interp.tiny import tiny
 
-from conftest import QUESTION
+from conftest import QUESTION, STRICT_TRANSFORMERS
+
+pytestmark = STRICT_TRANSFORMERS
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,13 @@ def _check_benchmark_args(args: argparse.Namespace, parser: argparse.ArgumentPar
                      "gives the questions; drop --images (or --questions, to use the built-in set)")
 
 
+def _check_trace_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    others = sorted({c.split(".")[0] for c in args.components.split(",") if "." in c} - {args.tower})
+    if others:
+        parser.error(f"--components names the tower(s) {others}, but --tower is {args.tower!r}; trace one tower at a "
+                     f"time: give --tower {others[0]} or components without a tower prefix")
+
+
 def _questions_folder(args: argparse.Namespace) -> Path:
     from vlm_interp.hallucination.compare import ZOO_POPE_IMAGES, zoo_pope_folder
 
@@ -404,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--window", type=_positive, default=1,
                     help="layers restored together around each layer (ROME's window; default 1)")
     tr.add_argument("--metric", default="prob", choices=["prob", "logprob"])
+    tr.set_defaults(check=lambda args: _check_trace_args(args, tr))
     tr.add_argument("--path", default="auto", choices=["auto", "fast", "general"],
                     help="auto: start LM cells inside the LM where that applies, else whole-model forwards with a "
                          "warning (same numbers); fast: require the fast path (error if it cannot apply); general: "

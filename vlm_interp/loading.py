@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from . import compat
 from .adapters import REGISTRY, adapter_for, supported
 from .errors import UnknownArchitectureError
 from .model import VLM
@@ -13,7 +14,11 @@ from .model import VLM
 
 def wrap(model: nn.Module, processor: Any, *, template: str | None = None, answer_prefix: str = " ",
          name: str | None = None) -> VLM:
-    """Wrap a model and processor already in memory; the adapter is chosen from the model class."""
+    """Wrap a model and processor already in memory; the adapter is chosen from the model class.
+
+    Warns (once) when the installed transformers is outside the tested range (:mod:`vlm_interp.compat`).
+    """
+    compat.check_version()
     model.eval()
     return VLM(model, processor, adapter_for(model), template=template, answer_prefix=answer_prefix, name=name)
 
