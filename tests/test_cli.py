@@ -21,7 +21,11 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_test_one():
     install, test = readme_commands()
     assert (ROOT / "README.md").read_text().index("```bash") < 20  # the very start of the README
     assert "vlm-interp demo" in install and "pytest" in test
-    assert test in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test in ci
+    # the extra steps after it: the floor of the declared transformers range, in a second environment
+    assert ci.index(test) < ci.index("from vlm_interp.compat import TESTED; print(TESTED[0])") < ci.index(
+        '"transformers==$floor"') < ci.index(".venv-floor/bin/python -m pytest")
 
 
 def test_help_lists_the_commands():

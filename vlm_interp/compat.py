@@ -29,7 +29,7 @@ from packaging.version import Version
 from .errors import VLMInterpError
 
 # The oldest and the newest transformers releases the test suite runs on (pyproject.toml declares the same).
-TESTED = ("5.6.0", "5.24.0")
+TESTED = ("5.13.0", "5.24.0")
 VERSION = Version(transformers.__version__)
 
 
