@@ -41,5 +41,10 @@ class AnswerEncodingError(VLMInterpError, ValueError):
     """An answer cannot be encoded by the tokenizer (empty, unknown tokens, misaligned)."""
 
 
+class CorruptionError(VLMInterpError, ValueError):
+    """A corruption cannot be built or applied as asked (it would shift tokens, is a no-op, is malformed, or an
+    in-model edit does not fit the tensor it meets)."""
+
+
 class ResumeError(VLMInterpError, ValueError):
     """A folder a run would resume from holds results made with other settings than the run's own."""

@@ -20,7 +20,7 @@ class Example:
     (the position whose logits give the answer), and ``object`` when a region was given.
     ``boxes[tower]`` maps visual positions to the box (original-image pixels) they cover.
     ``edits`` are changes that are not model inputs (noise added inside the model); a run
-    honours them only through :func:`vlm_interp.corruptions.applied` (see that module).
+    honours them only through :func:`vlm_interp.edits.applied` (see that module).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -34,7 +34,7 @@ class Example:
     image: Any = None
     image_hw: tuple[int, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    edits: list[Any] = field(default_factory=list)  # vlm_interp.corruptions.InputEdit, applied by hooks
+    edits: list[Any] = field(default_factory=list)  # vlm_interp.edits.InputEdit, applied by hooks
 
     def positions(self, group: str, tower: str = "lm") -> list[int]:
         """Positions of a token group in ``tower``, with an error naming the groups that exist."""

@@ -12,6 +12,8 @@ from torch import nn
 
 from . import geometry
 from .adapters import BoundAdapter, adapter_for
+from .adapters.llava_next import highres_grid
+from .edits import applied
 from .errors import AnswerEncodingError, ImageTokenMismatchError, PromptError
 from .example import Example
 from .hooks import Hook, Hooks
@@ -236,8 +238,6 @@ class VLM:
             boxes.append(None)  # the CLS feature covers no particular patch
         boxes += self._frame_boxes(ex, grid)
         if self.family == "llava_next":
-            from .adapters.llava_next import highres_grid
-
             rows, cols = highres_grid(self.model.config, ex.image_hw)
             cells = geometry.even_cells(ex.image_hw, (rows, cols))
             for r in range(rows):
@@ -356,12 +356,6 @@ class VLM:
             return grab.value
         return self.model(**inputs).logits
 
-    def _applied(self, ex: Example):
-        """The example's in-model edits (noise corruptions), attached for one run."""
-        from .corruptions.base import applied
-
-        return applied(self, ex)
-
     def score(self, ex: Example, answer: str | None = None) -> AnswerScore:
         """Probability and log-probability of ``answer`` (default: the example's answer)."""
         if answer is None:
@@ -370,7 +364,7 @@ class VLM:
             answer, ids = ex.answer, ex.answer_ids
         else:
             ids = self.encode_answer(ex, answer)
-        with torch.no_grad(), self._applied(ex):
+        with torch.no_grad(), applied(self, ex):
             logits = self.logits(self.answer_inputs(ex, ids))
         logp = torch.log_softmax(logits[0].float(), dim=-1)
         start = self.answer_start(ex)
@@ -380,7 +374,7 @@ class VLM:
 
     def first_token_logits(self, ex: Example) -> torch.Tensor:
         """Logits over the vocabulary for the first answer token, shape (vocab,)."""
-        with torch.no_grad(), self._applied(ex):
+        with torch.no_grad(), applied(self, ex):
             return self.logits(ex.inputs)[0, self.answer_start(ex)].float()
 
     def logit_diff(self, ex: Example, answer: str, other: str) -> float:
@@ -396,7 +390,7 @@ class VLM:
     def generate(self, ex: Example, max_new_tokens: int = 20, **kw: Any) -> str:
         """Greedy (by default) generation of the answer text for one example."""
         kw.setdefault("do_sample", False)
-        with torch.no_grad(), self._applied(ex):
+        with torch.no_grad(), applied(self, ex):
             out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
         if self.adapter.adapter.decoder == "causal":  # decoder LMs return the prompt too
             out = out[:, ex.inputs["input_ids"].shape[1]:]

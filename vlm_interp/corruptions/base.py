@@ -1,113 +1,31 @@
-"""What a corrupted Example is and how it runs: the error type, input edits, layout checks.
+"""What a corrupted Example is and how it runs: layout checks, running with edits, stacking.
 
 Some corruptions change model inputs (pixels, token ids) and live in ``Example.inputs``.
 Others happen inside the model (noise on image embeddings); they are recorded as
-:class:`InputEdit` objects in ``Example.edits`` and attached as hooks by :func:`applied`
-whenever the example runs. The tracing engine should run every corrupted example inside
-``applied(vlm, example)`` (or use :func:`run`/:func:`score`); a hook that never fires is an
-error, so an edit is never silently lost.
+:class:`~vlm_interp.edits.InputEdit` objects in ``Example.edits`` and attached as hooks by
+:func:`~vlm_interp.edits.applied` whenever the example runs (see :mod:`vlm_interp.edits`, a core
+module; both names, and :class:`~vlm_interp.errors.CorruptionError`, are re-exported here).
+:func:`run` and :func:`score` run an example with its edits.
 
-Batching: an edit's noise has shape ``(rows, k, hidden)``. When the hooked tensor has
-``N`` rows and ``N`` is a multiple of ``rows``, the noise is repeated over the batch (the
-same corruption in every row, e.g. one row per restored site). :func:`stack` joins several
-examples with identical layouts into one batch whose edits carry per-row noise (an example
-without an edit contributes zero noise, so a clean row 0 works as in ROME).
+:func:`stack` joins several examples with identical layouts into one batch whose edits carry
+per-row noise (an example without an edit contributes zero noise, so a clean row 0 works as in ROME).
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Sequence
 
 import torch
 
-from ..errors import VLMInterpError
+from ..edits import InputEdit, applied
+from ..errors import CorruptionError
 from ..example import Example
-from ..hooks import Hook, Hooks
+
+__all__ = ["CorruptionError", "InputEdit", "applied", "run", "score", "layout_differences", "check_layout", "stack",
+           "ID_KEYS"]
 
 # Inputs that fix the token layout of an example; corrupt and clean must agree on them exactly.
 ID_KEYS = ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask", "image_sizes")
-
-
-class CorruptionError(VLMInterpError, ValueError):
-    """A corruption cannot be built as asked (it would shift tokens, is a no-op, or is malformed)."""
-
-
-@dataclass(frozen=True, eq=False)
-class InputEdit:
-    """Noise added to a module's primary tensor at ``index`` along dimension 1.
-
-    ``noise`` has shape ``(rows, len(index), hidden)``; ``length`` is the size of dimension 1
-    the edit expects. With ``exact_length`` the size must match (image-feature tensors);
-    otherwise longer inputs are fine (prompt plus answer tokens) and shorter calls after the
-    first application pass through unchanged (the single-token steps of cached generation).
-    """
-
-    module: str
-    kind: Literal["output", "input"]
-    index: tuple[int, ...]
-    noise: torch.Tensor
-    length: int
-    exact_length: bool = True
-    label: str = "noise"
-
-    def hook(self) -> Hook:
-        """A fresh :class:`~vlm_interp.hooks.Hook` that adds the noise (state is per hook)."""
-        fired = [False]
-        index = list(self.index)
-
-        def add(t: torch.Tensor) -> torch.Tensor | None:
-            if t.dim() < 3 or t.shape[-1] != self.noise.shape[-1]:
-                raise CorruptionError(
-                    f"{self.label} at {self.module!r} expects (batch, positions, {self.noise.shape[-1]}) "
-                    f"but the tensor there has shape {tuple(t.shape)}; the example was corrupted for a "
-                    "different model"
-                )
-            n = t.shape[1]
-            if (self.exact_length and n != self.length) or (not self.exact_length and n < self.length):
-                if fired[0] and not self.exact_length:
-                    return None  # a cached generation step after the prompt was processed
-                raise CorruptionError(
-                    f"{self.label} at {self.module!r} was built for {self.length} positions but the tensor "
-                    f"there has {n}; run the corrupted example with its own inputs (same prompt and image)"
-                )
-            rows, batch = self.noise.shape[0], t.shape[0]
-            if batch % rows:
-                raise CorruptionError(
-                    f"{self.label} at {self.module!r} holds noise for {rows} rows, but the batch has {batch} "
-                    "rows; batch whole examples (stack or repeat them), not parts of one"
-                )
-            noise = self.noise.to(device=t.device, dtype=t.dtype)
-            if batch != rows:
-                noise = noise.repeat(batch // rows, 1, 1)
-            t = t.clone()
-            t[:, index] = t[:, index] + noise
-            fired[0] = True
-            return t
-
-        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}")
-
-
-_ACTIVE: set[tuple[int, int]] = set()  # (model, example) pairs whose edits are attached right now
-
-
-@contextlib.contextmanager
-def applied(vlm, example: Example) -> Iterator[Hooks | None]:
-    """Attach ``example.edits`` as hooks while the body runs; removed on exit, error if one never fired.
-
-    Nesting for the same model and example attaches the edits once (never twice).
-    """
-    key = (id(vlm.model), id(example))
-    if not example.edits or key in _ACTIVE:
-        yield None
-        return
-    _ACTIVE.add(key)
-    try:
-        with Hooks(vlm.model, [edit.hook() for edit in example.edits]) as hooks:
-            yield hooks
-    finally:
-        _ACTIVE.discard(key)
 
 
 def run(vlm, example: Example, inputs: dict[str, torch.Tensor] | None = None, grad: bool = False) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``noise(vlm, ex, scale="3sd", tokens="image", place="embeddings", seed=0)`` returns a
 corrupted copy of ``ex``. Noise on pixels changes ``pixel_values``; noise inside the model
-is an :class:`~vlm_interp.corruptions.base.InputEdit` in ``Example.edits``, applied by
-:func:`~vlm_interp.corruptions.base.applied` whenever the example runs.
+is an :class:`~vlm_interp.edits.InputEdit` in ``Example.edits``, applied by
+:func:`~vlm_interp.edits.applied` whenever the example runs.
 
 Where the noise goes is a small table per family (:data:`PLACES`), not copied model code:
 
@@ -35,9 +35,10 @@ from typing import Literal, Sequence
 
 import torch
 
+from ..edits import InputEdit
+from ..errors import CorruptionError
 from ..example import Example
 from ..hooks import Hook, HookKind, Hooks
-from .base import CorruptionError, InputEdit
 
 PlaceName = Literal["embeddings", "patches", "pixels"]
 PLACE_NAMES: tuple[str, ...] = ("embeddings", "patches", "pixels")

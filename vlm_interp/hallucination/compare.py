@@ -12,7 +12,9 @@ from typing import Callable, ContextManager, Sequence
 import pandas as pd
 
 from ..files import atomic_write
+from ..loading import load
 from ..model import VLM
+from ..plots import save_figure
 from .metrics import mcnemar
 from .pope import SPLITS, PopeItem, pope_table, process_rank, read_pope, run_pope_sharded, unanswered
 
@@ -91,8 +93,6 @@ def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", s
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..plots import save_figure
-
     data = table[table["source"] == source]
     systems = list(dict.fromkeys(data["system"]))
     splits = [s for s in SPLITS if s in set(data["split"])]
@@ -137,8 +137,6 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
     records its intervention's ``spec`` (as :func:`~vlm_interp.interventions.from_spec` sets it) or
     else its name, so a resumed system whose intervention changed is an error, not a silent mix.
     """
-    from ..loading import load
-
     if benchmark != "pope":
         raise ValueError(f"unknown benchmark {benchmark!r}; compare supports 'pope' (CHAIR: vlm_interp.hallucination.chair)")
     if questions is not None and n_images is not None:

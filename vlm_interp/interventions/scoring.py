@@ -21,12 +21,14 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..corruptions.base import applied
+from ..edits import applied
 from ..example import Example
 from ..files import atomic_write, changed_settings
 from ..hooks import Hook
 from ..sites import HEAD_COMPONENTS, Site
+from ..plots import save_figure
 from ..tracing.engine import repeat_inputs
+from ..tracing.plot import _plt
 from ..tracing.results import Labelled
 from .steps import InterventionError
 
@@ -211,9 +213,6 @@ def compare_levels(scores: dict[str, HeadScores], kind: str = "signed", k: int =
 
 def plot_head_scores(scores: dict[str, HeadScores], path: "str | Path", kind: str = "signed") -> Path:
     """Side-by-side layer x head heatmaps of one kind of score, one panel per level or model."""
-    from ..tracing.plot import _plt
-    from ..plots import save_figure
-
     plt = _plt()
     fig, axes = plt.subplots(1, len(scores), figsize=(3.4 * len(scores), 3), squeeze=False)
     for ax, (name, s) in zip(axes[0], scores.items()):

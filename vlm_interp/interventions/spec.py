@@ -12,6 +12,7 @@ from typing import Callable, ContextManager
 
 from .iri import InjectionPlan, inject
 from .modulate import modulate_heads, v_seam_scales
+from .scoring import HeadScores
 from .steps import InterventionError
 from .vhr import vhr
 
@@ -78,8 +79,6 @@ def _build(spec: str) -> Callable[[object], ContextManager]:
                 raise InterventionError(f"intervention {spec!r}: write scales as SITE=FACTOR joined by '+'")
             scales[site] = _number(value, f"scale of {site}", spec)
         return lambda vlm: modulate_heads(vlm, scales)
-    from .scoring import HeadScores
-
     path, _, rest = rest.partition(",")
     if not Path(path).is_file():
         raise InterventionError(f"intervention {spec!r}: head scores {path!r} not found "

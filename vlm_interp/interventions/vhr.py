@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..corruptions.base import applied
+from ..edits import applied
 from ..example import Example
 from ..hooks import Hook, resolve_module
 from ..sites import Site

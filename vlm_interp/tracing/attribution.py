@@ -36,7 +36,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..corruptions.base import applied
+from ..edits import applied
 from ..errors import SiteError
 from ..example import Example
 from ..hooks import Hook

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..corruptions.base import applied
+from ..edits import applied
 from ..errors import VLMInterpError
 from ..example import Example
 from .engine import repeat_inputs

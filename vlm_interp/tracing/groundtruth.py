@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..corruptions import noise
 from .causal import trace
+from .dataset import model_is_right
 
 
 def auroc(scores, labels) -> float:
@@ -27,9 +29,7 @@ def object_localisation(vlm, world, n: int = 100, seed: int = 20_001, component:
     Existence questions about objects that are present (and answered right by the model, as ROME
     filters), noise on all image embeddings, restore one image token at a time.
     """
-    from ..corruptions import noise
-    from ..zoo.tasks import existence_question
-    from .dataset import model_is_right
+    from ..zoo.tasks import existence_question  # upward (zoo); listed in the layers contract's ignore_imports
 
     rng = np.random.default_rng(seed)
     rows, used, tried = [], 0, 0
