@@ -261,6 +261,43 @@ def test_the_self_check_fails_on_wrong_replays(image):
     assert "does not reproduce" in fast.self_check(vlm, state, checks, 0)
 
 
+def test_an_error_in_a_fast_batch_falls_back_with_a_warning(image, monkeypatch):
+    """Any exception but running out of memory inside a fast batch: its cells are recomputed by whole-model forwards,
+    with a warning naming the error; with fast_path=True the error propagates; out of memory always propagates."""
+    vlm = sharp("llava")
+    clean, corrupt = pair(vlm, image)
+    m = make_metric(vlm, clean, "logprob")
+    cells = [Cell((Site("lm", "mlp", l),), (p,)) for l in range(2) for p in range(clean.n_tokens)]
+    source = capture(vlm, clean, {s for c in cells for s in c.sites})
+    general = run_cells(vlm, corrupt, source, cells, m, progress=False, fast_path=False)
+    assert float(general.std()) > 1e-3
+    calls = []
+
+    def broken(self, rows, *args, **kw):
+        calls.append(rows)
+        if len(calls) > 1:  # the first batch succeeds: its values are recomputed too, and must not be mixed in wrong
+            raise RuntimeError("a replay went wrong on purpose")
+        return real(self, rows, *args, **kw)
+
+    real = fast.LMStart.logits
+    checked = fast.lm_start(vlm, corrupt)[0]  # the self-check runs before the patch: only the batches break
+    monkeypatch.setattr(fast, "lm_start", lambda *a: (checked, ""))
+    monkeypatch.setattr(fast.LMStart, "logits", broken)
+    with pytest.warns(engine.FastPathWarning, match="RuntimeError: a replay went wrong on purpose"):
+        fallback = run_cells(vlm, corrupt, source, cells, m, batch_size=4, progress=True)
+    torch.testing.assert_close(fallback, general, atol=1e-5, rtol=0)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_cells(vlm, corrupt, source, cells, m, batch_size=4, progress=False, fast_path=True)
+
+    def out_of_memory(self, *a, **kw):
+        raise torch.OutOfMemoryError("no memory left")
+
+    monkeypatch.setattr(fast.LMStart, "logits", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_cells(vlm, corrupt, source, cells, m, batch_size=4, progress=False)
+
+
 def test_kv_reuse_can_be_off_without_changing_results(image):
     vlm = sharp("instructblip")
     _, corrupt = pair(vlm, image)
