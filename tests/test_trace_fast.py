@@ -225,6 +225,8 @@ def test_an_unknown_layer_keyword_falls_back_with_a_warning_and_the_loops_number
     np.testing.assert_allclose(tr.data.values, expected, atol=1e-4, rtol=0)
     with pytest.raises(engine.FastPathError, match="'marker'"):
         trace(vlm, clean, odd, components=["lm.mlp"], tokens=["last"], progress=False, fast_path=True)
+    with pytest.raises(engine.FastPathError, match="vision.mlp.0"):
+        trace(vlm, clean, corrupt, components=["vision.mlp"], tokens=["image"], progress=False, fast_path=True)
 
 
 def test_the_self_check_fails_on_wrong_replays(image):

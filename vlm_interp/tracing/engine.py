@@ -319,6 +319,10 @@ def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Seque
         raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}")
     _check_cells(cells, source)
     lm_cells = [i for i, c in enumerate(cells) if all(s.tower == fast.TOWER for s in c.sites)] if fast_path else []
+    if fast_path is True and len(lm_cells) < len(cells):
+        other = sorted({s.name for c in cells for s in c.sites if s.tower != fast.TOWER})
+        raise FastPathError(f"fast_path=True, but the fast tracing path only runs sites of the {fast.TOWER!r} tower, "
+                            f"not {other[:4]}; use fast_path='auto' or False")
     start = _lm_start(vlm, base, fast_path) if lm_cells else None
     quick = sorted(lm_cells) if start is not None else []
     rest = [i for i in range(len(cells)) if i not in set(quick)]
