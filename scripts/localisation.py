@@ -44,6 +44,7 @@ import vlm_interp as vi
 from vlm_interp.corruptions import noise
 from vlm_interp.example import Example
 from vlm_interp.files import atomic_write
+from vlm_interp.hooks import Hook
 from vlm_interp.hallucination.compare import markdown_table, slug
 from vlm_interp.hallucination.metrics import bootstrap_ci
 from vlm_interp.tracing import trace
@@ -236,30 +237,21 @@ def cross_attention(vlm, ex: Example) -> dict[int, torch.Tensor]:
     """Q-Former cross-attention weights per layer, (heads, queries, vision positions), from one clean forward.
 
     Computed from the attention module's own query/key projections on the inputs it receives
-    (captured by forward hooks), so it does not depend on the attention implementation.
+    (seen by call hooks of the hook engine), so it does not depend on the attention implementation.
     """
     layers = vlm.adapter.layers_with("qformer", "xattn")
     grabbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
 
     def grab(layer: int) -> Callable:
-        def hook(module, args, kwargs, output):
+        def see(args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             grabbed[layer] = (hidden.detach(), kwargs["encoder_hidden_states"].detach())
-        return hook
+        return see
 
-    for layer in layers:
-        module = vlm.model.get_submodule(vlm.adapter.module_path("qformer", "hidden", layer) + ".crossattention.attention")
-        handles.append(module.register_forward_hook(grab(layer), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            vlm.logits(ex.inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = set(layers) - set(grabbed)
-    if missing:
-        raise RuntimeError(f"Q-Former cross-attention of layers {sorted(missing)} never ran")
+    hooks = [Hook(vlm.adapter.module_path("qformer", "hidden", layer) + ".crossattention.attention", fn=grab(layer),
+                  kind="call", name=f"Q-Former cross-attention inputs {layer}") for layer in layers]
+    with torch.no_grad(), vlm.hooks(hooks):  # a layer whose cross-attention never ran is an error
+        vlm.logits(ex.inputs)
     out = {}
     for layer, (hidden, enc) in grabbed.items():
         attn = vlm.model.get_submodule(vlm.adapter.module_path("qformer", "hidden", layer) + ".crossattention.attention")

@@ -58,7 +58,7 @@ def test_oracle_hook_feeds_the_code_to_the_projector_and_is_removed(bank):
     torch.testing.assert_close(fed, expected)
     assert not torch.allclose(own, expected)
     torch.testing.assert_close(after, own)
-    layer = oracle.layer
+    layer = vlm.model.get_submodule(vlm.adapter.module_path("vision", "hidden", oracle.site.layer))
     hooks_before = dict(layer._forward_hooks)  # transformers keeps its own hook for recording hidden states
     with pytest.raises(ValueError, match="set .code"):
         with OracleVision(vlm) as oracle:

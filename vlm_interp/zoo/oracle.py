@@ -9,40 +9,45 @@ from __future__ import annotations
 
 import torch
 
+from ..hooks import Hooks
 from ..model import VLM
+from ..sites import Site
 from .scene_code import patch_code
-from .train import VISION_MODULE
 
 
 class OracleVision:
     """Context manager: while active, the last layer of a LLaVA vision tower returns ``code`` (set it before
-    every forward) instead of its own output, so the projector and the LM see the scene graph's code."""
+    every forward) instead of its own output, so the projector and the LM see the scene graph's code.
+
+    The replacement is a hook of the hook engine at ``vision.hidden.<last layer>``: it runs before transformers'
+    own hooks on that layer (which record hidden states and must see the code), and a block in which the
+    tower never ran is an error."""
 
     def __init__(self, vlm: VLM):
         if vlm.family != "llava":
             raise ValueError(f"oracle features replace a LLaVA tower's selected layer; {vlm.family!r} is not LLaVA")
-        tower = vlm.model.get_submodule(VISION_MODULE["llava"])
-        self.layer = tower.encoder.layers[-1]
+        self.vlm = vlm
+        self.site = Site("vision", "hidden", vlm.adapter.n_layers["vision"] - 1)
         self.code: torch.Tensor | None = None
-        self._handle = None
+        self._hooks: Hooks | None = None
 
-    def _replace(self, module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+    def _replace(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.code is None or self.code.shape != hidden.shape:
             raise ValueError(f"oracle code of shape {None if self.code is None else tuple(self.code.shape)} does not "
                              f"match the tower's output {tuple(hidden.shape)}: set .code for this batch first")
-        return (self.code,) + tuple(output[1:]) if isinstance(output, tuple) else self.code
+        return self.code
 
     def __enter__(self) -> "OracleVision":
-        # first in line: transformers records hidden states with its own hook on the same layer (installed on the
-        # first forward), and that one must see the code, not the tower's output
-        self._handle = self.layer.register_forward_hook(self._replace, prepend=True)
+        self._hooks = self.vlm.hooks([self.vlm.hook(self.site, self._replace)])
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        self._handle = None
-        self.code = None
+        try:
+            self._hooks.__exit__(*exc)
+        finally:
+            self._hooks = None
+            self.code = None
 
 
 __all__ = ["OracleVision", "patch_code"]
