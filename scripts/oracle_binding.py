@@ -33,7 +33,7 @@ from vlm_interp.zoo.oracle import OracleVision, patch_code
 from vlm_interp.zoo.organisms import build, build_tokenizer, get_recipe
 from vlm_interp.zoo.shapes import World
 from vlm_interp.zoo.tasks import QA, side_qa
-from vlm_interp.zoo.train import (VISION_MODULE, PromptCache, SceneBank, _schedule, answer_loss, make_batch,
+from vlm_interp.zoo.train import (PromptCache, SceneBank, _schedule, answer_loss, make_batch,
                                   pixel_normaliser, pretrain_vision, sample_qas)
 
 VALIDATION_SEED = 55_555  # disjoint from the recipe's training seed and from the zoo's evaluation seeds
@@ -84,7 +84,7 @@ def main() -> None:
     t0 = time.time()
     if args.features == "tower":
         pretrain_vision(vlm, recipe, bank, normalise)
-    vision = model.get_submodule(VISION_MODULE["llava"])
+    vision = model.get_submodule(vlm.adapter.adapter.vision_root)
     vision.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)

@@ -21,6 +21,24 @@ Slot = tuple[str, HookKind]  # (path relative to the layer, "" for the layer its
 
 
 @dataclass(frozen=True)
+class NoisePlace:
+    """Where noise corruptions add their noise in one family: module path and hook kind, the tower whose positions
+    index it.
+
+    ``index="group"``: dimension 1 of the tensor enumerates the tower's ``image`` group in
+    order (projector rows); ``index="position"``: it is the tower's sequence position.
+    ``hidden`` is the config attribute holding the width there.
+    """
+
+    module: str
+    kind: HookKind
+    tower: str
+    index: Literal["group", "position"]
+    hidden: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Replay:
     """How the fast tracing path replays one keyword a decoder layer was called with.
 
@@ -72,6 +90,10 @@ class Adapter:
     image_in_lm: bool  # image (or query) tokens are placeholder positions in the LM input_ids
     image_tokens: Callable[[Any, dict], int] | None = None  # expected image-token count
     logits_module: str | None = None  # module whose output carries the answer logits (BLIP)
+    vision_root: str = ""  # the vision tower's root module (what training freezes or trains as "the vision tower")
+    # where noise corruptions go: "embeddings" (the image's representation where the answer tower reads it) and
+    # "patches" (the vision tower's patch embeddings); "pixels" needs no module
+    noise_places: dict[str, NoisePlace] = field(default_factory=dict)
     notes: str = ""
 
 
@@ -114,6 +136,13 @@ class BoundAdapter:
             for component in tower.components:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
+        extra = {"vision_root": self.adapter.vision_root} if self.adapter.vision_root else {}
+        extra.update({f"noise_places.{k}": p.module for k, p in self.adapter.noise_places.items()})
+        for what, path in extra.items():
+            try:
+                resolve_module(self.model, path)
+            except ModuleNotFoundInModelError as err:
+                problems.append(f"{what}: {err}")
         if problems:
             raise AdapterValidationError(
                 f"adapter {self.adapter.family!r} does not fit {type(self.model).__name__}: " + "; ".join(problems)

@@ -6,8 +6,8 @@ the answer decoder, which produces the answer, is the ``lm`` tower.
 
 from __future__ import annotations
 
-from .base import Adapter, Tower
-from .tables import BERT_XATTN_LAYER, BLIP_VISION_LAYER
+from .base import Adapter, NoisePlace, Tower
+from .tables import BERT_XATTN_LAYER, BLIP_PATCHES, BLIP_VISION_LAYER
 
 MODEL_CLASSES = ("BlipForQuestionAnswering",)
 
@@ -28,4 +28,11 @@ def build(config) -> Adapter:
         default_template="{question}",
         image_in_lm=False,
         logits_module="text_decoder",
+        vision_root="vision_model",
+        noise_places={
+            "embeddings": NoisePlace("vision_model", "output", "vision", "position", "vision_config.hidden_size",
+                                     "the image embeddings the question encoder cross-attends to (no image tokens in "
+                                     "the LM)"),
+            "patches": BLIP_PATCHES,
+        },
     )

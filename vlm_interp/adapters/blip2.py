@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter, Tower
-from .tables import BLIP_VISION_LAYER, QFORMER_LAYER, lm_tower
+from .tables import BLIP_PATCHES, BLIP_VISION_LAYER, QFORMER_LAYER, QFORMER_QUERIES, lm_tower
 
 BLIP2_CLASSES = ("Blip2ForConditionalGeneration",)
 INSTRUCTBLIP_CLASSES = ("InstructBlipForConditionalGeneration",)
@@ -33,6 +33,8 @@ def build_blip2(config) -> Adapter:
         default_template="Question: {question} Answer:",
         image_in_lm=True,
         image_tokens=query_tokens,
+        vision_root="vision_model",
+        noise_places={"embeddings": QFORMER_QUERIES, "patches": BLIP_PATCHES},
     )
 
 
@@ -45,4 +47,6 @@ def build_instructblip(config) -> Adapter:
         default_template="{question}",
         image_in_lm=True,
         image_tokens=query_tokens,
+        vision_root="vision_model",
+        noise_places={"embeddings": QFORMER_QUERIES, "patches": BLIP_PATCHES},
     )

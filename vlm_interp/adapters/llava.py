@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Tower
-from .tables import CLIP_VISION_LAYER, lm_tower
+from .base import Adapter, NoisePlace, Tower
+from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, lm_tower
 
 MODEL_CLASSES = ("LlavaForConditionalGeneration",)
 
@@ -29,4 +29,10 @@ def build(config) -> Adapter:
         default_template="USER: <image>\n{question} ASSISTANT:",
         image_in_lm=True,
         image_tokens=patch_tokens,
+        vision_root="model.vision_tower",
+        noise_places={
+            "embeddings": NoisePlace("model.multi_modal_projector", "output", "lm", "group", "text_config.hidden_size",
+                                     "projected image features, scattered in order into the LM's image-token positions"),
+            "patches": CLIP_PATCHES,
+        },
     )

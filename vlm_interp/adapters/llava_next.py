@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import compat
-from .base import Adapter
+from .base import Adapter, NoisePlace
 from .llava import clip_vision_tower
-from .tables import lm_tower
+from .tables import CLIP_PATCHES, lm_tower
 
 MODEL_CLASSES = ("LlavaNextForConditionalGeneration",)
 
@@ -40,4 +40,13 @@ def build(config) -> Adapter:
         default_template="USER: <image>\n{question} ASSISTANT:",
         image_in_lm=True,
         image_tokens=anyres_tokens,
+        vision_root="model.vision_tower",
+        noise_places={
+            "embeddings": NoisePlace("model.language_model.layers.0", "input", "lm", "position",
+                                     "text_config.hidden_size",
+                                     "the LM's input embeddings (first decoder layer input); projector rows are "
+                                     "re-ordered into tiles with newline tokens, so the LM input is where positions "
+                                     "are the LM's"),
+            "patches": CLIP_PATCHES,
+        },
     )

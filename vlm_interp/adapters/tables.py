@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UnknownArchitectureError
-from .base import Replay, Slot, Tower
+from .base import NoisePlace, Replay, Slot, Tower
 
 # Decoder-only language models, keyed by the text config's model_type.
 LLAMA_LAYER: dict[str, Slot] = {
@@ -39,6 +39,14 @@ DECODER_REPLAY: dict[str, Replay] = {
     "use_cache": Replay("constant"),
     "output_attentions": Replay("constant"),
 }
+
+# Noise places shared by several families (see vlm_interp/corruptions/noise.py).
+CLIP_PATCHES = NoisePlace("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
+                          "CLIP patch + position embeddings (CLS first)")
+BLIP_PATCHES = NoisePlace("vision_model.embeddings", "output", "vision", "position", "vision_config.hidden_size",
+                          "ViT patch + position embeddings (CLS first)")
+QFORMER_QUERIES = NoisePlace("language_projection", "output", "lm", "group", "text_config.hidden_size",
+                             "projected Q-Former queries, scattered in order into the LM's image-token positions")
 
 # Vision encoders.
 CLIP_VISION_LAYER: dict[str, Slot] = {

@@ -31,7 +31,7 @@ from .checks import (
     load_clip,
 )
 from .edit import FILLS, edit_image, example_region, fill_region, inpaint, load_inpainting, region_edit
-from .noise import PLACES, Place, embedding_std, noise, noise_samples, parse_scale
+from .noise import Place, embedding_std, noise, noise_samples, parse_scale
 from .pairs import PairRecord, from_shapes_pair, load_pair, pairs_from_file, read_pairs, with_image
 from .tokens import replace_tokens, str_candidates, token_count
 
@@ -175,7 +175,7 @@ def from_spec(vlm, example: Example, spec: str, **kw: Any) -> Example:
 
 __all__ = [
     "CorruptionError", "InputEdit", "applied", "run", "score", "stack", "check_layout", "layout_differences",
-    "noise", "noise_samples", "embedding_std", "parse_scale", "PLACES", "Place",
+    "noise", "noise_samples", "embedding_std", "parse_scale", "Place",
     "from_shapes_pair", "read_pairs", "load_pair", "pairs_from_file", "PairRecord", "with_image",
     "FILLS", "fill_region", "inpaint", "edit_image", "load_inpainting", "region_edit", "example_region",
     "check_pair", "PairReport", "NotMinimalPairWarning", "dilate", "clip_region_score", "ClipRegionScore", "load_clip",

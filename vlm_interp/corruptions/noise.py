@@ -5,7 +5,7 @@ corrupted copy of ``ex``. Noise on pixels changes ``pixel_values``; noise inside
 is an :class:`~vlm_interp.edits.InputEdit` in ``Example.edits``, applied by
 :func:`~vlm_interp.edits.applied` whenever the example runs.
 
-Where the noise goes is a small table per family (:data:`PLACES`), not copied model code:
+Where the noise goes is adapter data (``Adapter.noise_places``), not copied model code:
 
 * ``embeddings``: the image embeddings entering the language model. In transformers 5 the
   image features are scattered into ``inputs_embeds`` inside the model's forward, after
@@ -29,7 +29,6 @@ import hashlib
 import math
 import re
 import weakref
-from dataclasses import dataclass
 from functools import reduce
 from typing import Literal, Sequence
 
@@ -38,56 +37,14 @@ import torch
 from ..edits import InputEdit
 from ..errors import CorruptionError
 from ..example import Example
-from ..hooks import Hook, HookKind, Hooks
+from ..adapters.base import NoisePlace
+from ..hooks import Hook, Hooks
 
 PlaceName = Literal["embeddings", "patches", "pixels"]
 PLACE_NAMES: tuple[str, ...] = ("embeddings", "patches", "pixels")
 
 
-@dataclass(frozen=True)
-class Place:
-    """Where noise is added: module path and hook kind, the tower whose positions index it.
-
-    ``index="group"``: dimension 1 of the tensor enumerates the tower's ``image`` group in
-    order (projector rows); ``index="position"``: it is the tower's sequence position.
-    ``hidden`` is the config attribute holding the width there.
-    """
-
-    module: str
-    kind: HookKind
-    tower: str
-    index: Literal["group", "position"]
-    hidden: str
-    why: str = ""
-
-
-_CLIP_PATCHES = Place("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
-                      "CLIP patch + position embeddings (CLS first)")
-_BLIP_PATCHES = Place("vision_model.embeddings", "output", "vision", "position", "vision_config.hidden_size",
-                      "ViT patch + position embeddings (CLS first)")
-_QUERIES = Place("language_projection", "output", "lm", "group", "text_config.hidden_size",
-                 "projected Q-Former queries, scattered in order into the LM's image-token positions")
-
-PLACES: dict[str, dict[str, Place]] = {
-    "llava": {
-        "embeddings": Place("model.multi_modal_projector", "output", "lm", "group", "text_config.hidden_size",
-                            "projected image features, scattered in order into the LM's image-token positions"),
-        "patches": _CLIP_PATCHES,
-    },
-    "llava_next": {
-        "embeddings": Place("model.language_model.layers.0", "input", "lm", "position", "text_config.hidden_size",
-                            "the LM's input embeddings (first decoder layer input); projector rows are re-ordered "
-                            "into tiles with newline tokens, so the LM input is where positions are the LM's"),
-        "patches": _CLIP_PATCHES,
-    },
-    "blip": {
-        "embeddings": Place("vision_model", "output", "vision", "position", "vision_config.hidden_size",
-                            "the image embeddings the question encoder cross-attends to (no image tokens in the LM)"),
-        "patches": _BLIP_PATCHES,
-    },
-    "blip2": {"embeddings": _QUERIES, "patches": _BLIP_PATCHES},
-    "instructblip": {"embeddings": _QUERIES, "patches": _BLIP_PATCHES},
-}
+Place = NoisePlace  # the adapter table entry that says where noise goes
 
 _STD_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], float]]" = weakref.WeakKeyDictionary()
 
@@ -96,12 +53,13 @@ def place_of(vlm, place: str) -> Place:
     """The :class:`Place` of ``place`` for this model's family (``pixels`` has none: it is an input)."""
     if place not in PLACE_NAMES:
         raise CorruptionError(f"unknown noise place {place!r}; choose one of {list(PLACE_NAMES)}")
-    if vlm.family not in PLACES:
-        raise CorruptionError(f"no noise places are known for the {vlm.family!r} family; add them to "
-                              "vlm_interp/corruptions/noise.py:PLACES")
     if place == "pixels":
         raise CorruptionError("'pixels' is not a module: noise there changes pixel_values directly")
-    return PLACES[vlm.family][place]
+    places = vlm.adapter.adapter.noise_places
+    if place not in places:
+        raise CorruptionError(f"the {vlm.family!r} adapter gives no noise place {place!r}; add it to the adapter's "
+                              "noise_places (vlm_interp/adapters/)")
+    return places[place]
 
 
 def parse_scale(scale: float | int | str) -> tuple[float, bool]:

@@ -30,9 +30,6 @@ from .scene_code import code_slices, code_targets, grid_cells, one_hot_code
 from .shapes import Scene, World
 from .tasks import QA, make_qa
 
-VISION_MODULE = {"llava": "model.vision_tower", "instructblip": "vision_model", "blip": "vision_model"}
-
-
 def patch_owners(scene: Scene) -> np.ndarray:
     """(P,) index of the object that owns each patch (covers over 10% of it, and more than any earlier
     object does, so on a tie the earlier object keeps it), -1 for background."""
@@ -311,7 +308,7 @@ def scene_code_loss(pre: torch.Tensor, targets: dict[str, torch.Tensor], config)
 def pretrain_vision(vlm: VLM, recipe: Recipe, bank: SceneBank, normalise, progress: bool = True) -> list[float]:
     """Stage 1: per-patch shape and colour classification plus shape presence on the vision tower; with
     ``recipe.vision_output == "code"`` the projector's first layer learns, with the tower, to emit the scene code."""
-    tower = vlm.model.get_submodule(VISION_MODULE[vlm.family])
+    tower = vlm.model.get_submodule(vlm.adapter.adapter.vision_root)
     cfg = recipe.world
     width = recipe.width
     grid = cfg.grid
@@ -404,7 +401,7 @@ def train_vqa(vlm: VLM, recipe: Recipe, world: World, bank: SceneBank, normalise
     steps = recipe.vqa_steps if steps is None else steps
     cache = PromptCache(vlm, recipe.world.canvas)
     model = vlm.model
-    vision = model.get_submodule(VISION_MODULE[vlm.family])
+    vision = model.get_submodule(vlm.adapter.adapter.vision_root)
     frozen = [vision] if recipe.freeze_vision else []
     coder = code_layer(vlm) if recipe.vision_output == "code" else None
     if coder is not None:
