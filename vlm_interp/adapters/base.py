@@ -90,6 +90,9 @@ class Adapter:
     image_in_lm: bool  # image (or query) tokens are placeholder positions in the LM input_ids
     image_tokens: Callable[[Any, dict], int] | None = None  # expected image-token count
     logits_module: str | None = None  # module whose output carries the answer logits (BLIP)
+    # the tower whose image tokens are the image's patches one for one, in row-major order (input-attribution
+    # baselines report patch maps on it); None where no tower's are (LLaVA-NeXT's come from several tiled views)
+    patch_map_tower: str | None = None
     vision_root: str = ""  # the vision tower's root module (what training freezes or trains as "the vision tower")
     # where noise corruptions go: "embeddings" (the image's representation where the answer tower reads it) and
     # "patches" (the vision tower's patch embeddings); "pixels" needs no module

@@ -28,6 +28,7 @@ def build(config) -> Adapter:
         default_template="{question}",
         image_in_lm=False,
         logits_module="text_decoder",
+        patch_map_tower="vision",
         vision_root="vision_model",
         noise_places={
             "embeddings": NoisePlace("vision_model", "output", "vision", "position", "vision_config.hidden_size",

@@ -33,6 +33,7 @@ def build_blip2(config) -> Adapter:
         default_template="Question: {question} Answer:",
         image_in_lm=True,
         image_tokens=query_tokens,
+        patch_map_tower="vision",
         vision_root="vision_model",
         noise_places={"embeddings": QFORMER_QUERIES, "patches": BLIP_PATCHES},
     )
@@ -47,6 +48,7 @@ def build_instructblip(config) -> Adapter:
         default_template="{question}",
         image_in_lm=True,
         image_tokens=query_tokens,
+        patch_map_tower="vision",
         vision_root="vision_model",
         noise_places={"embeddings": QFORMER_QUERIES, "patches": BLIP_PATCHES},
     )

@@ -29,6 +29,7 @@ def build(config) -> Adapter:
         default_template="USER: <image>\n{question} ASSISTANT:",
         image_in_lm=True,
         image_tokens=patch_tokens,
+        patch_map_tower="lm",
         vision_root="model.vision_tower",
         noise_places={
             "embeddings": NoisePlace("model.multi_modal_projector", "output", "lm", "group", "text_config.hidden_size",

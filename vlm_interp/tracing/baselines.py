@@ -80,16 +80,15 @@ def patch_grid(vlm, example: Example) -> tuple[int, int, int]:
 def patch_positions(vlm, example: Example) -> tuple[str, list[int]]:
     """The tower and positions, one per patch in row-major order, that a patch map is reported on."""
     rows, cols, _ = patch_grid(vlm, example)
-    if vlm.family == "llava":
-        image = example.positions("image", "lm")
-        offset = 1 if vlm.model.config.vision_feature_select_strategy == "full" else 0
-        if len(image) - offset != rows * cols:
-            raise BaselineError(f"{len(image)} LM image tokens for {rows * cols} patches")
-        return "lm", list(image[offset:])
-    if vlm.family in ("blip", "blip2", "instructblip"):
-        return "vision", list(example.positions("image", "vision"))
-    raise BaselineError(f"patch maps are defined for llava, blip, blip2 and instructblip, not {vlm.family!r} "
-                        "(LLaVA-NeXT's image tokens come from several tiled views)")
+    tower = vlm.adapter.adapter.patch_map_tower
+    if tower is None:
+        raise BaselineError(f"patch maps are not defined for {vlm.family!r}: its adapter names no tower whose image "
+                            "tokens are the patches one for one (patch_map_tower)")
+    boxes = example.boxes.get(tower, {})
+    image = [p for p in example.positions("image", tower) if p in boxes]  # tokens that cover a patch (no CLS)
+    if len(image) != rows * cols:
+        raise BaselineError(f"{len(image)} {tower} image tokens cover a patch, for {rows * cols} patches")
+    return tower, image
 
 
 def feature_mask(vlm, example: Example) -> torch.Tensor:
