@@ -12,7 +12,6 @@ from torch import nn
 
 from . import geometry
 from .adapters import BoundAdapter, adapter_for
-from .adapters.llava_next import highres_grid
 from .edits import applied
 from .errors import AnswerEncodingError, ImageTokenMismatchError, PromptError
 from .example import Example
@@ -86,7 +85,7 @@ class VLM:
         """The full prompt text for ``question``, checked against the family's placeholder rule."""
         template = template or self.template
         image_token = self.image_token or "<image>"
-        needs_placeholder = self.family in ("llava", "llava_next")
+        needs_placeholder = self.adapter.adapter.image_placeholder
         if template is None and getattr(self.processor, "chat_template", None) and needs_placeholder:
             conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -226,22 +225,15 @@ class VLM:
         return side, side
 
     def _frame_boxes(self, ex: Example, grid: tuple[int, int]) -> list:
-        squash = self.family == "llava_next"
-        return geometry.frame_cells(self.processor.image_processor, ex.image_hw, grid, squash=squash)
+        return geometry.frame_cells(self.processor.image_processor, ex.image_hw, grid,
+                                    squash=self.adapter.adapter.squashed_frame)
 
     def _lm_image_boxes(self, ex: Example, image_pos: list[int], grid: tuple[int, int]) -> dict:
-        """Boxes for the LM's image tokens (LLaVA families); Q-Former queries have none."""
-        if self.family not in ("llava", "llava_next"):
+        """Boxes for the LM's image tokens, from the adapter's layout (Q-Former queries have none)."""
+        layout = self.adapter.adapter.lm_image_boxes
+        if layout is None:
             return {}
-        boxes: list = []
-        if self.model.config.vision_feature_select_strategy == "full":
-            boxes.append(None)  # the CLS feature covers no particular patch
-        boxes += self._frame_boxes(ex, grid)
-        if self.family == "llava_next":
-            rows, cols = highres_grid(self.model.config, ex.image_hw)
-            cells = geometry.even_cells(ex.image_hw, (rows, cols))
-            for r in range(rows):
-                boxes += cells[r * cols:(r + 1) * cols] + [None]  # each row ends in a newline token
+        boxes = layout(self.model.config, ex.image_hw, self._frame_boxes(ex, grid))
         if len(boxes) != len(image_pos):
             raise ImageTokenMismatchError(
                 f"{len(image_pos)} image tokens but the {self.family} layout describes {len(boxes)}"

@@ -89,6 +89,11 @@ class Adapter:
     default_template: str  # prompt template with {question}; contains the image placeholder if needed
     image_in_lm: bool  # image (or query) tokens are placeholder positions in the LM input_ids
     image_tokens: Callable[[Any, dict], int] | None = None  # expected image-token count
+    image_placeholder: bool = False  # the prompt holds one image placeholder, which the processor expands
+    squashed_frame: bool = False  # the image processor resizes the whole image to its square frame (no crop)
+    # the box each LM image token covers (None: no patch, e.g. CLS or a row's newline), from (config, image (height,
+    # width), the vision tower's patch boxes in row-major order); None where the LM's image tokens cover no region
+    lm_image_boxes: Callable[[Any, tuple[int, int], list], list] | None = None
     logits_module: str | None = None  # module whose output carries the answer logits (BLIP)
     # the tower whose image tokens are the image's patches one for one, in row-major order (input-attribution
     # baselines report patch maps on it); None where no tower's are (LLaVA-NeXT's come from several tiled views)

@@ -20,6 +20,11 @@ def patch_tokens(config, inputs) -> int:
     return (h // p) * (w // p) + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+    """One box per LM image token: the patches in row-major order, after CLS if 'full' (it covers no patch)."""
+    return ([None] if config.vision_feature_select_strategy == "full" else []) + list(frame)
+
+
 def build(config) -> Adapter:
     return Adapter(
         family="llava",
@@ -29,6 +34,8 @@ def build(config) -> Adapter:
         default_template="USER: <image>\n{question} ASSISTANT:",
         image_in_lm=True,
         image_tokens=patch_tokens,
+        image_placeholder=True,
+        lm_image_boxes=lm_image_boxes,
         patch_map_tower="lm",
         vision_root="model.vision_tower",
         noise_places={

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import compat
+from .. import compat, geometry
 from .base import Adapter, NoisePlace
-from .llava import clip_vision_tower
+from .llava import clip_vision_tower, lm_image_boxes as base_grid_boxes
 from .tables import CLIP_PATCHES, lm_tower
 
 MODEL_CLASSES = ("LlavaNextForConditionalGeneration",)
@@ -31,6 +31,16 @@ def anyres_tokens(config, inputs) -> int:
     return base + rows * (cols + 1)
 
 
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+    """The base grid's boxes (squashed frame), then the high-resolution rows, each ending in a newline token."""
+    boxes = base_grid_boxes(config, image_hw, frame)
+    rows, cols = highres_grid(config, image_hw)
+    cells = geometry.even_cells(image_hw, (rows, cols))
+    for r in range(rows):
+        boxes += cells[r * cols:(r + 1) * cols] + [None]
+    return boxes
+
+
 def build(config) -> Adapter:
     return Adapter(
         family="llava_next",
@@ -40,6 +50,9 @@ def build(config) -> Adapter:
         default_template="USER: <image>\n{question} ASSISTANT:",
         image_in_lm=True,
         image_tokens=anyres_tokens,
+        image_placeholder=True,
+        squashed_frame=True,
+        lm_image_boxes=lm_image_boxes,
         vision_root="model.vision_tower",
         noise_places={
             "embeddings": NoisePlace("model.language_model.layers.0", "input", "lm", "position",
