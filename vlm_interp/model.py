@@ -12,6 +12,7 @@ from torch import nn
 
 from . import geometry
 from .adapters import BoundAdapter, adapter_for
+from .adapters.decoders import DECODERS
 from .edits import applied
 from .errors import AnswerEncodingError, ImageTokenMismatchError, PromptError
 from .example import Example
@@ -57,6 +58,11 @@ class VLM:
     @property
     def tokenizer(self):
         return self.processor.tokenizer
+
+    @property
+    def decoder(self):
+        """How this family's answers are produced and read (:mod:`vlm_interp.adapters.decoders`)."""
+        return DECODERS[self.adapter.adapter.decoder]
 
     @property
     def device(self) -> torch.device:
@@ -297,17 +303,7 @@ class VLM:
         if not answer or not answer.strip():
             raise AnswerEncodingError("the answer is empty; give the text the model should produce")
         tok = self.tokenizer
-        if self.adapter.adapter.decoder == "blip":  # the answer decoder starts its own sequence
-            ids = tok(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-            full = tok(ex.prompt + self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
-            if full[: len(prompt_ids)] != prompt_ids:
-                raise AnswerEncodingError(
-                    f"answer {answer!r} does not tokenize separately from the prompt: the tokenizer merges "
-                    "the prompt's last token with the answer. Change answer_prefix or the template."
-                )
-            ids = full[len(prompt_ids):]
+        ids = self.decoder.answer_ids(tok, ex.prompt, self.answer_prefix, answer)
         if not ids:
             raise AnswerEncodingError(f"answer {answer!r} encodes to no tokens")
         if tok.unk_token_id is not None and tok.unk_token_id in ids:
@@ -322,13 +318,7 @@ class VLM:
         """Model inputs that also feed the answer (all but its last token) for whole-answer scoring."""
         inputs = dict(ex.inputs)
         extra = torch.tensor([(answer_ids or [])[:-1]], dtype=torch.long, device=self.device)
-        if self.adapter.adapter.decoder == "blip":
-            bos = torch.full((1, 1), self.model.decoder_start_token_id, dtype=torch.long, device=self.device)
-            inputs["decoder_input_ids"] = torch.cat([bos, extra], dim=1)
-        elif extra.shape[1]:
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
-        return inputs
+        return self.decoder.with_answer(self.model, inputs, extra)
 
     def answer_start(self, ex: Example) -> int:
         """Position of the logits that predict the first answer token."""
@@ -336,17 +326,7 @@ class VLM:
 
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (batch, positions, vocab) of the tower that produces the answer."""
-        spec = self.adapter.adapter
-        if spec.decoder == "blip":
-            if "decoder_input_ids" not in inputs:
-                bos = torch.full((inputs["input_ids"].shape[0], 1), self.model.decoder_start_token_id,
-                                 dtype=torch.long, device=self.device)
-                inputs = {**inputs, "decoder_input_ids": bos}
-            grab = Hook(spec.logits_module, capture=True, grad=True, name="answer logits")
-            with Hooks(self.model, [grab]):
-                self.model(**inputs)
-            return grab.value
-        return self.model(**inputs).logits
+        return self.decoder.logits(self.model, inputs, self.adapter.adapter.logits_module)
 
     def score(self, ex: Example, answer: str | None = None) -> AnswerScore:
         """Probability and log-probability of ``answer`` (default: the example's answer)."""
@@ -384,6 +364,5 @@ class VLM:
         kw.setdefault("do_sample", False)
         with torch.no_grad(), applied(self, ex):
             out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
-        if self.adapter.adapter.decoder == "causal":  # decoder LMs return the prompt too
-            out = out[:, ex.inputs["input_ids"].shape[1]:]
+        out = self.decoder.generated(out, ex.inputs)
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()

@@ -1,0 +1,78 @@
+"""How a family's answer is produced and read: a decoder LM continuing the prompt, or BLIP's separate answer decoder.
+
+An :class:`Adapter` names its decoder kind (``Adapter.decoder``); :data:`DECODERS` maps the kind to
+the strategy the model wrapper calls for answer tokens, whole-answer inputs, logits and
+generated text, so that no code outside the adapters branches on the kind for these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AnswerEncodingError
+from ..hooks import Hook, Hooks
+
+
+class CausalDecoder:
+    """A decoder LM: the answer continues the prompt in the same sequence; logits are the model's own."""
+
+    kind = "causal"
+
+    def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str) -> list[int]:
+        """The answer's token ids as they follow the prompt (an error where the tokenizer merges across the seam)."""
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = tokenizer(prompt + prefix + answer, add_special_tokens=False)["input_ids"]
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise AnswerEncodingError(
+                f"answer {answer!r} does not tokenize separately from the prompt: the tokenizer merges "
+                "the prompt's last token with the answer. Change answer_prefix or the template."
+            )
+        return full[len(prompt_ids):]
+
+    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
+        """``inputs`` that also feed ``extra`` answer tokens (1, n) after the prompt."""
+        if extra.shape[1]:
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+        return inputs
+
+    def logits(self, model: nn.Module, inputs: dict, logits_module: str | None) -> torch.Tensor:
+        return model(**inputs).logits
+
+    def generated(self, out: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The new tokens of ``generate``'s output (decoder LMs return the prompt too)."""
+        return out[:, inputs["input_ids"].shape[1]:]
+
+
+class BlipDecoder:
+    """BLIP's answer decoder: it starts its own sequence from its start token; logits come from ``logits_module``."""
+
+    kind = "blip"
+
+    def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str) -> list[int]:
+        return tokenizer(prefix + answer, add_special_tokens=False)["input_ids"]
+
+    def _start(self, model: nn.Module, rows: int, device) -> torch.Tensor:
+        return torch.full((rows, 1), model.decoder_start_token_id, dtype=torch.long, device=device)
+
+    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
+        inputs["decoder_input_ids"] = torch.cat([self._start(model, 1, extra.device), extra], dim=1)
+        return inputs
+
+    def logits(self, model: nn.Module, inputs: dict, logits_module: str | None) -> torch.Tensor:
+        if "decoder_input_ids" not in inputs:
+            ids = inputs["input_ids"]
+            inputs = {**inputs, "decoder_input_ids": self._start(model, ids.shape[0], ids.device)}
+        grab = Hook(logits_module, capture=True, grad=True, name="answer logits")
+        with Hooks(model, [grab]):
+            model(**inputs)
+        return grab.value
+
+    def generated(self, out: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return out
+
+
+DECODERS = {"causal": CausalDecoder(), "blip": BlipDecoder()}
