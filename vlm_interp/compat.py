@@ -37,6 +37,10 @@ class CompatibilityError(VLMInterpError, RuntimeError):
     """This transformers release lacks something vlm-interp needs, or moved it."""
 
 
+class UntestedTransformersWarning(UserWarning):
+    """transformers is outside the range the test suite runs on."""
+
+
 def check_version() -> str | None:
     """Warn (once per process) when transformers is outside the tested range; returns the message."""
     floor, ceiling = (Version(v) for v in TESTED)
@@ -52,14 +56,14 @@ def check_version() -> str | None:
     return message
 
 
-class UntestedTransformersWarning(UserWarning):
-    """transformers is outside the range the test suite runs on."""
-
-
 # ---- key/value caches ------------------------------------------------------------------
 def is_cache(value: Any) -> bool:
     """Whether ``value`` is a transformers key/value cache object."""
     return isinstance(value, transformers.Cache)
+
+
+# keyword names a cache has been passed under, newest first; only used when the value is None (see find_cache)
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 
 
 def find_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
@@ -78,10 +82,6 @@ def find_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
         if name in kwargs:
             return name, None
     return None, None
-
-
-# keyword names a cache has been passed under, newest first; only used when the value is None (see find_cache)
-CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 
 
 def new_cache() -> Any:

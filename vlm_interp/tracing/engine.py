@@ -325,7 +325,8 @@ def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Seque
                             f"not {other[:4]}; use fast_path='auto' or False")
     start = _lm_start(vlm, base, fast_path) if lm_cells else None
     quick = sorted(lm_cells) if start is not None else []
-    rest = [i for i in range(len(cells)) if i not in set(quick)]
+    fast_cells = set(quick)
+    rest = [i for i in range(len(cells)) if i not in fast_cells]
     out = torch.empty(len(cells))
     with tqdm(total=len(cells), desc=desc, disable=not progress, leave=False) as bar:
         if quick:
