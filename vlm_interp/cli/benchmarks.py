@@ -1,0 +1,127 @@
+"""vlm-interp pope, chair and compare: hallucination benchmarks on one or several models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import DEFAULT_MODEL, INTERVENTION_HELP, intervention_context, named_interventions, positive
+
+
+def _own_questions(args: argparse.Namespace) -> str | None:
+    """The --questions folder, or None for the built-in set (no --questions, or --questions zoo)."""
+    return None if args.questions in (None, "zoo") else args.questions
+
+
+def _check_benchmark_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.images is not None and _own_questions(args) is not None:
+        parser.error(f"--images {args.images} sizes the built-in question set, but --questions {args.questions} "
+                     "gives the questions; drop --images (or --questions, to use the built-in set)")
+
+
+def _questions_folder(args: argparse.Namespace) -> Path:
+    from vlm_interp.hallucination.compare import ZOO_POPE_IMAGES, zoo_pope_folder
+
+    if _own_questions(args) is None:
+        n_images = ZOO_POPE_IMAGES if args.images is None else args.images
+        return zoo_pope_folder(Path(args.out) / "pope_set", n_images=n_images)
+    return Path(args.questions)
+
+
+def _pope(args: argparse.Namespace) -> int:
+    import vlm_interp as vi
+    from vlm_interp.files import atomic_write
+    from vlm_interp.hallucination.compare import markdown_table, read_pope_folder
+    from vlm_interp.hallucination.pope import pope_table, process_rank, run_pope_sharded
+
+    folder = _questions_folder(args)
+    items = read_pope_folder(folder, args.splits)
+    vlm = vi.load(args.model)
+    with intervention_context(args, vlm):
+        frame = run_pope_sharded(vlm, items, folder / "images", Path(args.out), suffix=args.suffix,
+                                 max_new_tokens=args.max_new_tokens, intervention=args.intervention or "none")
+    if process_rank()[0] == 0:
+        table = pope_table(frame)
+        atomic_write(Path(args.out) / "table.csv", table.to_csv(index=False))
+        text = markdown_table(table[["split", "source", "accuracy", "accuracy_lo", "accuracy_hi", "precision",
+                                     "recall", "f1", "yes_ratio", "not_explicit", "n"]])
+        atomic_write(Path(args.out) / "table.md", text)
+        print(text)
+    return 0
+
+
+def _chair(args: argparse.Namespace) -> int:
+    import json
+
+    import vlm_interp as vi
+    from vlm_interp.hallucination.chair import run_chair
+    from vlm_interp.files import atomic_write
+
+    folder = _questions_folder(args)
+    vlm = vi.load(args.model)
+    with intervention_context(args, vlm):
+        scores, metrics = run_chair(vlm, folder / "captions.jsonl", folder / "images", vocab=args.vocab,
+                                    prompt=args.prompt, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "chair_captions.csv", scores.to_csv(index=False))
+    atomic_write(out / "chair.json", json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from vlm_interp.hallucination.compare import compare, markdown_table
+
+    result = compare(args.models, benchmark=args.benchmark, questions=_own_questions(args), out=args.out,
+                     splits=args.splits, suffix=args.suffix, max_new_tokens=args.max_new_tokens,
+                     interventions=named_interventions(args.intervention), n_images=args.images)
+    print(markdown_table(result.table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi",
+                                       "f1", "yes_ratio", "n"]]))
+    if len(result.tests):
+        print(markdown_table(result.tests, floatfmt=".4f"))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def _add_benchmark_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of every benchmark command: where the questions come from and where results go."""
+    p.add_argument("--questions", help="folder with <split>.jsonl, captions.jsonl and images/ (default: the built-in "
+                   "shapes-world set, written to OUT/pope_set)")
+    p.add_argument("--images", type=positive, help="images in the built-in set (default 400, as the organism cards "
+                   "use); not with --questions")
+    p.add_argument("--out", default=default_out)
+    p.set_defaults(check=lambda args: _check_benchmark_args(args, p))
+
+
+def _add_pope_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of the POPE commands (pope, compare)."""
+    _add_benchmark_args(p, default_out)
+    p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
+    p.add_argument("--suffix", default="", help="text appended to every question (recorded with each answer)")
+    p.add_argument("--max-new-tokens", type=positive, default=8, help="tokens generated per answer (default 8)")
+
+
+def add(sub) -> None:
+    """Register this group's commands on the ``vlm-interp`` subparsers."""
+    pope = sub.add_parser("pope", help="POPE on one model; shard with `accelerate launch -m vlm_interp.cli pope ...`")
+    pope.add_argument("--model", default=DEFAULT_MODEL)
+    pope.add_argument("--intervention", help=INTERVENTION_HELP)
+    _add_pope_args(pope, "vlm-interp-pope")
+    pope.set_defaults(run=_pope)
+    chair = sub.add_parser("chair", help="CHAIR on captions generated by one model")
+    chair.add_argument("--model", default=DEFAULT_MODEL)
+    chair.add_argument("--vocab", default="shapes", help="built-in vocabulary (shapes, coco) or a JSON file")
+    chair.add_argument("--prompt", default="Describe the image.")
+    chair.add_argument("--limit", type=positive, help="caption only the first N images")
+    chair.add_argument("--max-new-tokens", type=positive, default=32, help="tokens per caption (default 32)")
+    chair.add_argument("--intervention", help=INTERVENTION_HELP)
+    _add_benchmark_args(chair, "vlm-interp-chair")
+    chair.set_defaults(run=_chair)
+    comp = sub.add_parser("compare", help="several models side by side on the same questions, with paired tests")
+    comp.add_argument("--models", nargs="+", required=True)
+    comp.add_argument("--benchmark", default="pope", choices=["pope"])
+    comp.add_argument("--intervention", action="append", help="[NAME=]SPEC, repeatable; every model is also run "
+                      "without intervention. " + INTERVENTION_HELP)
+    _add_pope_args(comp, "vlm-interp-compare")
+    comp.set_defaults(run=_compare)

@@ -1,0 +1,57 @@
+"""What the command groups share: defaults, argument types, images and interventions from options."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MODEL = "zoo:shapes-llava"
+INTERVENTION_HELP = ("intervention during answering: heads:SCORES.nc,lambda=1 (V-SEAM head modulation), "
+                     "vhr:alpha=2[,layers=1-3], iri:PLAN.json, scale:lm.head.2.1=1.5+lm.head.3.0=0")
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (counts such as --images, --n, --limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def load_image(spec: str, question: str):
+    """An image from a path, or ``shapes:SEED`` for a rendered shapes-world scene (with the queried object's mask)."""
+    from PIL import Image
+
+    if spec.startswith("shapes:"):
+        from vlm_interp.zoo.organisms import ORGANISM_WORLD
+        from vlm_interp.zoo.shapes import World
+
+        scene = World(ORGANISM_WORLD).scene(int(spec.split(":", 1)[1]))
+        named = [o for o in scene.objects if o.shape in question.lower()]
+        return scene.pil(), (named[0].mask if named else None)
+    return Image.open(spec).convert("RGB"), None
+
+
+def intervention_context(args: argparse.Namespace, vlm):
+    """The context of ``--intervention SPEC`` for one model (a no-op context without it)."""
+    import contextlib
+
+    from vlm_interp.interventions import from_spec
+
+    return from_spec(args.intervention)(vlm) if args.intervention else contextlib.nullcontext()
+
+
+def named_interventions(specs: list[str] | None) -> dict:
+    """``NAME=SPEC`` or ``SPEC`` (named by itself) to {name: intervention}."""
+    from vlm_interp.interventions import from_spec
+    from vlm_interp.interventions.spec import KINDS
+
+    out = {}
+    for text in specs or []:
+        name, sep, spec = text.partition("=")
+        if not sep or name.split(":")[0] in KINDS:
+            name, spec = text, text
+        out[name] = from_spec(spec)
+    return out
