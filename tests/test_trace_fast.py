@@ -10,6 +10,7 @@ import torch
 from conftest import QUESTION, STRICT_TRANSFORMERS
 
 import vlm_interp as vi
+from vlm_interp.adapters.base import Replay
 from vlm_interp.corruptions import InputEdit, applied, noise
 from vlm_interp.sites import Site
 from vlm_interp.tiny import tiny
@@ -177,7 +178,8 @@ def test_eager_attention_uses_the_recorded_mask(image):
 def test_fallbacks_are_automatic(image, monkeypatch):
     blip = vi.wrap(*tiny("blip", seed=0))
     ex = blip.prepare(image, QUESTION, answer="yes")
-    assert fast.lm_start(blip, ex) == (None, "the blip answer tower is not a causal decoder LM")
+    start, reason = fast.lm_start(blip, ex)
+    assert start is None and reason.startswith("the blip answer tower is not a decoder LM continuing the prompt")
     vlm = sharp("llava")
     clean, corrupt = pair(vlm, image)
     inside = corrupt.derive(edits=[InputEdit("model.language_model.layers.1.mlp", "output", (3,),
@@ -250,7 +252,7 @@ def test_the_self_check_fails_on_wrong_replays(image):
     key = state.cache_key
     for x in state.inputs[:-1]:
         x.kwargs[key] = stale
-    state.replay, state.cache_key = {**state.replay, key: fast.Replay("constant")}, "ignored_cache"
+    state.replay, state.cache_key = {**state.replay, key: Replay("constant")}, "ignored_cache"
     assert fast._guarded_check(vlm, state, checks, 0) != ""
     for x in state.inputs[:-1]:
         del x.kwargs[key]
@@ -383,6 +385,6 @@ def test_the_trace_command_forces_either_path(tmp_path, monkeypatch):
         values[path] = Trace.load(tmp_path / path / "trace.json").data.values
     assert float(np.nanstd(values["general"])) > 0
     np.testing.assert_allclose(values["fast"], values["general"], atol=1e-5, rtol=0)
-    with pytest.raises(engine.FastPathError, match="not a causal decoder"):
+    with pytest.raises(engine.FastPathError, match="not a decoder LM continuing the prompt"):
         main(["trace", "--model", "tiny:blip", "--image", "shapes:3", "--question", "Is there a circle in the image?",
               "--answer", "yes", "--path", "fast", "--out", str(tmp_path / "blip")])
