@@ -39,15 +39,15 @@ def test_compare_images_sizes_the_built_in_set(tmp_path):
 
 
 def test_built_in_set_is_rewritten_when_images_changes(tmp_path):
-    from vlm_interp.hallucination.compare import zoo_pope_folder
+    from vlm_interp.zoo.questions import pope_folder
 
-    folder = zoo_pope_folder(tmp_path / "set", n_images=2)
+    folder = pope_folder(tmp_path / "set", n_images=2)
     two = _rows(folder / "random.jsonl")
-    zoo_pope_folder(folder, n_images=1)  # a smaller set is the first image's questions, under the same ids
+    pope_folder(folder, n_images=1)  # a smaller set is the first image's questions, under the same ids
     assert _rows(folder / "random.jsonl") == [r for r in two if r["image"] == two[0]["image"]]
     assert len(_rows(folder / "captions.jsonl")) == 1
     kept = (folder / "random.jsonl").stat().st_mtime_ns
-    zoo_pope_folder(folder, n_images=1)
+    pope_folder(folder, n_images=1)
     assert (folder / "random.jsonl").stat().st_mtime_ns == kept  # the same size is not written again
 
 

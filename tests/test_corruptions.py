@@ -445,9 +445,9 @@ def test_str_on_a_bpe_tokenizer_rejects_length_changes_and_accepts_matches(organ
     assert C.str_candidates(organism, "above", ["right", "below", "left"]) == ["right"]
     assert C.str_candidates(organism, "left", ["right", "above", "below"]) == []
     same = [s for s in SHAPES if s != "circle" and len(tok.tokenize(" " + s)) == len(tok.tokenize(" circle"))]
-    assert C.str_candidates(organism, "circle", category="shape", context=ex) == same
-    with pytest.raises(CorruptionError, match="category"):
-        C.str_candidates(organism, "circle", category="size")
+    assert C.str_candidates(organism, "circle", SHAPES, context=ex) == same
+    with pytest.raises(CorruptionError, match="one string"):
+        C.str_candidates(organism, "circle", "square")
 
 
 @pytest.mark.parametrize("family", ["llava", "blip", "blip2", "instructblip"])
@@ -469,7 +469,7 @@ def test_str_keeps_every_token_stream_aligned(family, image):
     assert torch.allclose(batch[0], C.run(vlm, ex)[0], atol=1e-5)
     with pytest.raises(CorruptionError, match="not in the vocabulary"):
         C.replace_tokens(vlm, ex, {"red": "zebra"})
-    assert C.str_candidates(vlm, "red", category="color") == [c for c in COLORS if c != "red"]
+    assert C.str_candidates(vlm, "red", COLORS) == [c for c in COLORS if c != "red"]
 
 
 WORDS = st.one_of(st.sampled_from(list(SHAPES + COLORS) + ["left", "right", "above", "below", "of", "the", "Is"]),

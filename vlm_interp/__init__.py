@@ -9,11 +9,41 @@ from .adapters import supported
 from .errors import VLMInterpError
 from .example import Example
 from .hooks import Hook, Hooks
+from . import loading as _loading
+from .hallucination import sets as _sets
 from .loading import load, wrap
 from .model import VLM, AnswerScore
 from .sites import Site, parse_site
 
 __version__ = "0.1.0"
+
+
+# The package root is a facade above every layer. The zoo (organisms, shapes world, studies) sits on top
+# of the library and is never imported by it; the root connects the two lazily: ``load("zoo:NAME")``
+# through a registered source, the built-in question sets through a registered writer, and ``vi.zoo``
+# on first use.
+def _organism_folder(name: str):
+    from .zoo import organism_path
+
+    return organism_path(name)
+
+
+def _zoo_question_set(folder, n_images):
+    from .zoo.questions import pope_folder
+
+    return pope_folder(folder, n_images)
+
+
+_loading.register_source("zoo", _organism_folder, "the shipped model organisms")
+_sets.register_question_set("zoo", _zoo_question_set)
+
+
+def __getattr__(name: str):
+    if name == "zoo":
+        import importlib
+
+        return importlib.import_module(".zoo", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "corruptions", "tracing", "interventions", "load", "wrap", "VLM", "Example", "AnswerScore", "Hook", "Hooks", "hooks", "Site", "parse_site",

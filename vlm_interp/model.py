@@ -191,17 +191,15 @@ class VLM:
         vision_n = grid[0] * grid[1]
         ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
         ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
-        if spec.decoder == "blip":
+        if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
             spans = self._text_alignment(self.tokenizer, ex.prompt, ids, None)
-            ex.groups["text"] = {
+            ex.groups[self.decoder.prompt_tower] = {
                 "question": self._question_positions(spans, ex.prompt, ex.question),
                 "text": list(range(len(ids))),
                 "last": [len(ids) - 1],
             }
-            # the answer decoder starts from its BOS token; position 0 predicts the first answer token
-            ex.groups["lm"] = {"last": [0], "text": [0]}
-            ex.tokens = [self.tokenizer.convert_ids_to_tokens(self.model.decoder_start_token_id)]
+            ex.groups["lm"], ex.tokens = self.decoder.start_groups(self.model, self.tokenizer)
             return
         ids = ex.inputs["input_ids"][0].tolist()
         image_id = self.image_token_id
@@ -267,7 +265,7 @@ class VLM:
         ``object_text`` and ``late_text``: non-image tokens before, on and after ``word`` in the
         question (its last occurrence), without the final token. Last comes ``last``.
         """
-        if self.adapter.adapter.decoder != "causal" or not ex.boxes.get("lm"):
+        if not ex.boxes.get("lm"):
             raise ValueError(f"FCCT groups need an LM whose input holds the image patches ({self.family} "
                              "models feed the LM Q-Former queries or use a separate answer decoder)")
         lm = ex.groups["lm"]

@@ -20,6 +20,9 @@ class CausalDecoder:
     """A decoder LM: the answer continues the prompt in the same sequence; logits are the model's own."""
 
     kind = "causal"
+    prompt_tower = "lm"  # the tower whose input_ids hold the prompt
+    continues_prompt = True  # answers (and generation steps) extend the prompt's own sequence
+    not_a_continuation = ""
 
     def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str) -> list[int]:
         """The answer's token ids as they follow the prompt (an error where the tokenizer merges across the seam)."""
@@ -51,6 +54,13 @@ class BlipDecoder:
     """BLIP's answer decoder: it starts its own sequence from its start token; logits come from ``logits_module``."""
 
     kind = "blip"
+    prompt_tower = "text"
+    continues_prompt = False
+    not_a_continuation = "answers with a separate BLIP answer decoder that starts its own sequence"
+
+    def start_groups(self, model: nn.Module, tokenizer: Any) -> tuple[dict[str, list[int]], list[str]]:
+        """The answer decoder's token groups and tokens before any answer: its start token, which predicts the answer."""
+        return {"last": [0], "text": [0]}, [tokenizer.convert_ids_to_tokens(model.decoder_start_token_id)]
 
     def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str) -> list[int]:
         return tokenizer(prefix + answer, add_special_tokens=False)["input_ids"]

@@ -20,12 +20,9 @@ def _check_benchmark_args(args: argparse.Namespace, parser: argparse.ArgumentPar
 
 
 def _questions_folder(args: argparse.Namespace) -> Path:
-    from vlm_interp.hallucination.compare import ZOO_POPE_IMAGES, zoo_pope_folder
+    from vlm_interp.hallucination.sets import question_folder
 
-    if _own_questions(args) is None:
-        n_images = ZOO_POPE_IMAGES if args.images is None else args.images
-        return zoo_pope_folder(Path(args.out) / "pope_set", n_images=n_images)
-    return Path(args.questions)
+    return question_folder(_own_questions(args), args.out, args.images)
 
 
 def _pope(args: argparse.Namespace) -> int:

@@ -137,7 +137,7 @@ def _positions(vlm, ex: Example, tower: str, tokens: str | Sequence[int], place:
             hint = ""
             if tokens == "object":
                 hint = (" Prepare the example with region=(x0, y0, x1, y1) or a mask to get an 'object' group."
-                        if tower != "lm" or vlm.family in ("llava", "llava_next") else
+                        if tower != "lm" or vlm.adapter.adapter.lm_image_boxes is not None else
                         f" The {vlm.family} LM's image tokens are Q-Former queries, which cover no image region: "
                         "use place='patches' or place='pixels' for noise on an object.")
             raise CorruptionError(f"noise at {place!r} takes positions from the {tower} tower: {err.args[0]}.{hint}") \

@@ -37,7 +37,7 @@ class _Stream:
 
 def _streams(vlm, ex: Example) -> list[_Stream]:
     """Token sequences of this family that carry the question."""
-    tower = "text" if vlm.adapter.adapter.decoder == "blip" else "lm"
+    tower = vlm.decoder.prompt_tower
     out = [_Stream("input_ids", vlm.tokenizer, tower, 0, vlm.image_token_id)]
     if "qformer_input_ids" in ex.inputs:
         out.append(_Stream("qformer_input_ids", vlm.processor.qformer_tokenizer, "qformer",
@@ -227,27 +227,17 @@ def token_count(tokenizer, word: str, context: str = DEFAULT_CONTEXT) -> int:
     return _count_in(tokenizer, prefix, word, suffix)
 
 
-def _category(category: str) -> tuple[str, ...]:
-    from ..zoo.shapes import COLORS, SHAPES
-
-    table = {"shape": SHAPES, "color": COLORS}
-    if category not in table:
-        raise CorruptionError(f"unknown candidate category {category!r}; choose one of {sorted(table)}")
-    return table[category]
-
-
-def str_candidates(vlm, word: str, candidates: Iterable[str] | None = None, category: str | None = None,
-                   context: str | Example | None = None) -> list[str]:
+def str_candidates(vlm, word: str, candidates: Iterable[str], context: str | Example | None = None) -> list[str]:
     """Candidates with the same token count as ``word`` in context, for every tokenizer of the model.
 
-    ``candidates`` or ``category`` (``"shape"`` or ``"color"`` of the shapes world) give the
-    pool; ``context`` is a string where ``{}`` marks the word's place, or an Example whose
-    question contains ``word`` (default: ``"Is there a {} in the image?"``). Words a
-    tokenizer cannot encode (unknown token) are dropped.
+    ``candidates`` is the pool (for the shapes world: ``vi.zoo.SHAPES`` or ``vi.zoo.COLORS``);
+    ``context`` is a string where ``{}`` marks the word's place, or an Example whose question
+    contains ``word`` (default: ``"Is there a {} in the image?"``). Words a tokenizer cannot
+    encode (unknown token) are dropped.
     """
-    if (candidates is None) == (category is None):
-        raise CorruptionError("give exactly one of candidates=[...] or category='shape'|'color'")
-    pool = list(_category(category)) if category is not None else list(candidates)
+    if isinstance(candidates, str):
+        raise CorruptionError(f"candidates={candidates!r} is one string; give a list of words")
+    pool = list(candidates)
     if isinstance(context, Example):
         spans = _occurrences(context.question, word)
         if not spans:

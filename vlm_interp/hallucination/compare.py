@@ -17,6 +17,7 @@ from ..model import VLM
 from ..plots import save_figure
 from .metrics import mcnemar
 from .pope import SPLITS, PopeItem, pope_table, process_rank, read_pope, run_pope_sharded, unanswered
+from .sets import question_folder
 
 Intervention = Callable[[VLM], ContextManager]
 
@@ -32,37 +33,6 @@ class Comparison:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-
-
-ZOO_POPE_IMAGES = 400  # the size of the built-in set the organism cards are measured on
-
-
-def zoo_pope_folder(folder: "str | Path", n_images: int = ZOO_POPE_IMAGES) -> Path:
-    """Write the built-in shapes-world POPE set over ``n_images`` images (the organism cards use 400).
-
-    A set already in ``folder`` is kept when it has ``n_images`` images and rewritten otherwise; the
-    scenes and questions of a smaller set are the first ones of a larger set (same ids), so answers
-    kept in results files stay valid.
-    """
-    from ..zoo.evaluate import EVAL_SEED
-    from ..zoo.organisms import ORGANISM_WORLD
-    from ..zoo.pope import write_pope
-    from ..zoo.shapes import World
-
-    if n_images < 1:
-        raise ValueError(f"n_images {n_images} must be at least 1")
-    folder = Path(folder)
-    if _zoo_pope_images(folder) != n_images:
-        write_pope(World(ORGANISM_WORLD), folder, n_images=n_images, seed=EVAL_SEED)
-    return folder
-
-
-def _zoo_pope_images(folder: Path) -> int | None:
-    """How many images a complete built-in set in ``folder`` covers (one captions line each); None if none is there."""
-    files = [folder / f"{s}.jsonl" for s in SPLITS] + [folder / "captions.jsonl"]
-    if not all(f.exists() for f in files):
-        return None
-    return sum(1 for line in files[-1].read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def read_pope_folder(folder: "str | Path", splits: Sequence[str] = SPLITS) -> list[PopeItem]:
@@ -130,8 +100,9 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
             progress: bool = True, n_images: int | None = None) -> Comparison:
     """Evaluate each model (with each intervention, plus the unmodified model) on the same questions.
 
-    ``questions`` is a folder with ``<split>.jsonl`` and ``images/``; ``None`` uses the built-in
-    shapes-world set over ``n_images`` images (default 400; only for the built-in set). Writes
+    ``questions`` is a folder with ``<split>.jsonl`` and ``images/``, or the name of a built-in set
+    (:func:`~vlm_interp.hallucination.sets.question_folder`; ``None`` is ``"zoo"``, the shapes-world
+    set, over ``n_images`` images: default 400, only for a built-in set). Writes
     ``table.csv``, ``table.md``, ``tests.csv`` and ``compare.png`` to ``out``; per-question answers
     stay in ``out/<system>/results.jsonl`` and interrupted runs resume from them. Each answer
     records its intervention's ``spec`` (as :func:`~vlm_interp.interventions.from_spec` sets it) or
@@ -139,13 +110,9 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
     """
     if benchmark != "pope":
         raise ValueError(f"unknown benchmark {benchmark!r}; compare supports 'pope' (CHAIR: vlm_interp.hallucination.chair)")
-    if questions is not None and n_images is not None:
-        raise ValueError(f"n_images={n_images} sizes the built-in question set, but questions={str(questions)!r} "
-                         "was given; drop one of them")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = Path(questions) if questions is not None else \
-        zoo_pope_folder(out / "pope_set", n_images=ZOO_POPE_IMAGES if n_images is None else n_images)
+    folder = question_folder(questions, out, n_images)
     items = read_pope_folder(folder, splits)
     variants: dict[str, Intervention | None] = {"none": None, **(interventions or {})}
     results: dict[str, pd.DataFrame] = {}

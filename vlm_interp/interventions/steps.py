@@ -30,10 +30,10 @@ def lm_base_path(vlm) -> str:
 
 def require_decoder_lm(vlm, what: str) -> None:
     """Interventions on a decoder LM's generation steps need a causal LM tower."""
-    if vlm.adapter.adapter.decoder != "causal":
+    if not vlm.decoder.continues_prompt:
         raise InterventionError(
             f"{what} needs a decoder-only language model that reads the image tokens in its own sequence; "
-            f"{vlm.family} models answer with a separate BLIP answer decoder, so {what} does not apply to them"
+            f"{vlm.family} models {vlm.decoder.not_a_continuation}, so {what} does not apply to them"
         )
 
 
