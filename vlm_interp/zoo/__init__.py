@@ -10,9 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .organisms import RECIPES, get_recipe
+from .organisms import ORGANISM_WORLD, RECIPES, get_recipe
+from .shapes import COLORS, SHAPES, World
+from .tasks import existence_question
 
 ORGANISM_DIR = Path(__file__).parent / "checkpoints"
+
+
+def scene(seed: int):
+    """A scene of the world the organisms were trained on: ``vi.zoo.scene(1).pil()`` is its image."""
+    return World(ORGANISM_WORLD).scene(seed)
 
 
 def organism_path(name: str) -> Path:
@@ -40,4 +47,5 @@ def list_organisms() -> list[str]:
     return sorted(RECIPES)
 
 
-__all__ = ["ORGANISM_DIR", "RECIPES", "card", "list_organisms", "organism_path"]
+__all__ = ["COLORS", "ORGANISM_DIR", "ORGANISM_WORLD", "RECIPES", "SHAPES", "World", "card", "existence_question",
+           "list_organisms", "organism_path", "scene"]
