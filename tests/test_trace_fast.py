@@ -15,7 +15,7 @@ from vlm_interp.corruptions import InputEdit, applied, noise
 from vlm_interp.sites import Site
 from vlm_interp.tiny import tiny
 from vlm_interp.tracing import engine, fast, trace
-from vlm_interp.tracing.engine import Cell, capture, run_cells
+from vlm_interp.tracing.engine import Cell, run_cells, site_activations
 from vlm_interp.tracing.metrics import make_metric
 
 pytestmark = STRICT_TRANSFORMERS
@@ -134,7 +134,7 @@ def test_fast_equals_general_path_for_windows_and_noising(family, image, other_i
         cells = [Cell(tuple(Site("lm", c, l) for l in span), (p,)) for c in ("mlp", "attn")
                  for span in ([0, 1], [1]) for p in range(clean.n_tokens)]
         cells += [Cell((Site("lm", "hidden", 0), Site("vision", "hidden", 1)), (1, 2))]  # mixed towers: general path
-        source = capture(vlm, src_ex, {s for c in cells for s in c.sites})
+        source = site_activations(vlm, src_ex, {s for c in cells for s in c.sites})
         quick = run_cells(vlm, base, source, cells, m, batch_size=4, progress=False)
         whole = run_cells(vlm, base, source, cells, m, batch_size=4, progress=False, fast_path=False)
         assert float(whole.std()) > 1e-3
@@ -169,7 +169,7 @@ def test_eager_attention_uses_the_recorded_mask(image):
     assert torch.is_tensor(state.inputs[0].kwargs["attention_mask"])
     m = make_metric(vlm, clean)
     cells = [Cell((Site("lm", "attn", l),), (p,)) for l in range(2) for p in range(clean.n_tokens)]
-    source = capture(vlm, clean, {s for c in cells for s in c.sites})
+    source = site_activations(vlm, clean, {s for c in cells for s in c.sites})
     torch.testing.assert_close(run_cells(vlm, corrupt, source, cells, m, progress=False),
                                run_cells(vlm, corrupt, source, cells, m, progress=False, fast_path=False),
                                atol=1e-5, rtol=0)
@@ -195,7 +195,7 @@ def test_fallbacks_are_automatic(image, monkeypatch):
     assert fast.lm_start(vlm, corrupt) == (None, "the self-check failed on purpose")
     m = make_metric(vlm, clean)
     cells = [Cell((Site("lm", "mlp", 1),), (p,)) for p in range(4)]
-    source = capture(vlm, clean, {s for c in cells for s in c.sites})
+    source = site_activations(vlm, clean, {s for c in cells for s in c.sites})
     with pytest.warns(engine.FastPathWarning, match="failed on purpose"):
         fallback = run_cells(vlm, corrupt, source, cells, m, progress=False)
     with pytest.raises(engine.FastPathError, match="failed on purpose"):
@@ -272,7 +272,7 @@ def test_an_error_in_a_fast_batch_falls_back_with_a_warning(image, monkeypatch):
     clean, corrupt = pair(vlm, image)
     m = make_metric(vlm, clean, "logprob")
     cells = [Cell((Site("lm", "mlp", l),), (p,)) for l in range(2) for p in range(clean.n_tokens)]
-    source = capture(vlm, clean, {s for c in cells for s in c.sites})
+    source = site_activations(vlm, clean, {s for c in cells for s in c.sites})
     general = run_cells(vlm, corrupt, source, cells, m, progress=False, fast_path=False)
     assert float(general.std()) > 1e-3
     calls = []
@@ -358,7 +358,7 @@ def test_shapes_llava_fast_path_matches_general_path():
     m = make_metric(vlm, clean)
     positions = sorted(set(clean.positions("image")[::7] + clean.positions("question") + clean.positions("last")))
     cells = [Cell((Site("lm", c, l),), (p,)) for c in ("hidden", "attn", "mlp") for l in range(4) for p in positions]
-    source = capture(vlm, clean, {s for c in cells for s in c.sites})
+    source = site_activations(vlm, clean, {s for c in cells for s in c.sites})
     quick = run_cells(vlm, corrupt, source, cells, m, progress=False)
     whole = run_cells(vlm, corrupt, source, cells, m, progress=False, fast_path=False)
     assert float(quick.max() - quick.min()) > 0.05

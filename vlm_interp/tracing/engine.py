@@ -44,7 +44,7 @@ def repeat_inputs(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch
     return {k: v.repeat(rows, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
-def capture(vlm, example: Example, sites: Iterable[Site]) -> dict[Site, torch.Tensor]:
+def site_activations(vlm, example: Example, sites: Iterable[Site]) -> dict[Site, torch.Tensor]:
     """The activations of ``example`` (with its edits) at ``sites``, detached; one forward."""
     hooks = {site: vlm.hook(site, capture=True) for site in dict.fromkeys(sites)}
     with torch.no_grad(), applied(vlm, example), vlm.hooks(hooks.values()):
