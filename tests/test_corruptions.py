@@ -547,6 +547,7 @@ def test_from_spec_parses_the_cli_forms(tmp_path, image, other_image):
     (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line) + "\n")
     assert C.from_spec(vlm, ex, f"pair:{tmp_path / 'p.jsonl'},line=2").answer == "no"
     for spec, message in (("blur", "unknown corruption spec"), ("noise:foo=1", "unknown noise option"),
+                          ("noise:seed=1,seed=2", "given twice"), ("noise:seed", "key=value"),
                           ("noise:scale=abc", "neither a number"), ("noise:seed=x", "integer"),
                           ("str:red", "OLD=NEW"), ("str:", "at least one"), ("edit:fill=smear", "unknown fill"),
                           (f"pair:{tmp_path / 'p.jsonl'}", "choose one"), ("pair:", "needs a path"),

@@ -343,7 +343,9 @@ def test_specs(llava, ex, image, tmp_path):
     with from_spec("vhr:alpha=3,layers=0-1")(llava) as state:
         logits(llava, ex)
     assert state.alpha == 3.0 and state.layers == [0, 1]
-    for bad, message in [("warp:x=1", "unknown intervention"), ("vhr:beta=2", "not one of"),
+    for bad, message in [("warp:x=1", "unknown intervention"), ("", "empty intervention"),
+                         ("vhr:beta=2", "unknown vhr option"), ("vhr:alpha=1,alpha=2", "given twice"),
+                         ("vhr:layers=1-x", "integer"), ("scale:lm.head.0.1", "SITE=FACTOR"),
                          ("vhr:alpha=x", "must be a number"), ("iri:/nonexistent.json", "not found"),
                          (f"heads:{path},kind=odd", "kind must be")]:
         with pytest.raises(InterventionError, match=message):

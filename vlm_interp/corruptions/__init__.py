@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..example import Example
+from ..options import SpecParser
 from .base import CorruptionError, InputEdit, applied, check_layout, layout_differences, run, score, stack
 from .checks import (
     ClipRegionScore,
@@ -41,34 +42,14 @@ SPEC_HELP = (
     "str:OLD=NEW[,OLD=NEW...]; "
     "edit[:fill=blur|mean|patch|inpaint,seed=0,model=PATH_OR_HUB_ID,prompt=TEXT,dilate=4]"
 )
-
-
-def _options(kind: str, text: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, eq, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not eq or not key or not value:
-            raise CorruptionError(f"{kind} option {item!r} must look like key=value; spec forms: {SPEC_HELP}")
-        if key not in allowed:
-            raise CorruptionError(f"unknown {kind} option {key!r}; {kind} takes {list(allowed)}")
-        if key in out:
-            raise CorruptionError(f"{kind} option {key!r} is given twice")
-        out[key] = value
-    return out
-
-
-def _int(kind: str, key: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise CorruptionError(f"{kind} option {key}={value!r} must be an integer") from None
+SPEC = SpecParser("corruption", SPEC_HELP, CorruptionError)
+KINDS = ("noise", "pair", "str", "edit")
 
 
 def _tokens(value: str) -> str | list[int]:
     """``image``/``object``/... or positions joined by '+' (``5+6+7``)."""
     if value.replace("+", "").isdigit():
-        return [int(v) for v in value.split("+") if v]
+        return SPEC.integers("noise", "tokens", value)
     return value
 
 
@@ -80,7 +61,7 @@ def _pair_spec(vlm, example: Example, rest: str) -> Example:
     if path.suffix.lower() in (".jsonl", ".json"):
         records = read_pairs(path)
         if line_text:
-            line = _int("pair", "line", line_text)
+            line = SPEC.integer("pair", "line", line_text)
             chosen = [r for r in records if r.line == line]
             if not chosen:
                 raise CorruptionError(f"{path} has no pair on line {line}; pair lines: {[r.line for r in records]}")
@@ -126,12 +107,9 @@ def from_spec(vlm, example: Example, spec: str, **kw: Any) -> Example:
     object region; ``model=`` for inpainting). ``kw`` go to the underlying function and
     override spec options (for example ``std_examples=`` or ``pipeline=``).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise CorruptionError(f"empty corruption spec; use one of: {SPEC_HELP}")
-    kind, _, rest = spec.strip().partition(":")
-    kind = kind.strip()
+    kind, rest = SPEC.split(spec, KINDS)
     if kind == "noise":
-        opts = _options("noise", rest, ("scale", "tokens", "place", "seed"))
+        opts = SPEC.options("noise", rest, ("scale", "tokens", "place", "seed"))
         args: dict[str, Any] = {}
         if "scale" in opts:
             args["scale"] = opts["scale"]
@@ -140,37 +118,30 @@ def from_spec(vlm, example: Example, spec: str, **kw: Any) -> Example:
         if "place" in opts:
             args["place"] = opts["place"]
         if "seed" in opts:
-            args["seed"] = _int("noise", "seed", opts["seed"])
+            args["seed"] = SPEC.integer("noise", "seed", opts["seed"])
         return noise(vlm, example, **{**args, **kw})
     if kind == "pair":
         if kw:
             raise CorruptionError(f"pair specs take no extra arguments, got {sorted(kw)}")
         return _pair_spec(vlm, example, rest)
     if kind == "str":
-        pairs = []
-        for item in filter(None, (s.strip() for s in rest.split(","))):
-            old, eq, new = item.partition("=")
-            if not eq or not old.strip() or not new.strip():
-                raise CorruptionError(f"str replacement {item!r} must look like OLD=NEW (for example str:circle=square)")
-            pairs.append((old.strip(), new.strip()))
+        pairs = SPEC.pairs(rest, "str replacement", "OLD=NEW (for example str:circle=square)")
         if not pairs:
             raise CorruptionError("str spec needs at least one replacement: str:OLD=NEW[,OLD=NEW...]")
         if kw:
             raise CorruptionError(f"str specs take no extra arguments, got {sorted(kw)}")
         return replace_tokens(vlm, example, pairs)
-    if kind == "edit":
-        opts = _options("edit", rest, ("fill", "seed", "model", "prompt", "dilate"))
-        args = {"fill": opts.get("fill", "blur")}
-        if "seed" in opts:
-            args["seed"] = _int("edit", "seed", opts["seed"])
-        if "dilate" in opts:
-            args["dilate_px"] = _int("edit", "dilate", opts["dilate"])
-        if "prompt" in opts:
-            args["prompt"] = opts["prompt"]
-        if "model" in opts:
-            args["pipeline"] = opts["model"]
-        return region_edit(vlm, example, **{**args, **kw})
-    raise CorruptionError(f"unknown corruption spec {spec!r}; use one of: {SPEC_HELP}")
+    opts = SPEC.options("edit", rest, ("fill", "seed", "model", "prompt", "dilate"))
+    args = {"fill": opts.get("fill", "blur")}
+    if "seed" in opts:
+        args["seed"] = SPEC.integer("edit", "seed", opts["seed"])
+    if "dilate" in opts:
+        args["dilate_px"] = SPEC.integer("edit", "dilate", opts["dilate"])
+    if "prompt" in opts:
+        args["prompt"] = opts["prompt"]
+    if "model" in opts:
+        args["pipeline"] = opts["model"]
+    return region_edit(vlm, example, **{**args, **kw})
 
 
 __all__ = [

@@ -2,7 +2,8 @@
 ``vhr:alpha=2,layers=1-3``, ``iri:PLAN.json``, ``scale:lm.head.2.1=1.5+lm.head.3.0=0``.
 
 Each spec becomes a function from a VLM to a context manager, the form that
-:func:`vlm_interp.hallucination.compare` takes.
+:func:`vlm_interp.hallucination.compare` takes. The strings are parsed by
+:class:`vlm_interp.options.SpecParser`, like the corruption specs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from ..options import SpecParser
 from .iri import InjectionPlan, inject
 from .modulate import modulate_heads, v_seam_scales
 from .scoring import HeadScores
@@ -17,32 +19,11 @@ from .steps import InterventionError
 from .vhr import vhr
 
 KINDS = ("heads", "vhr", "iri", "scale")
-
-
-def _options(text: str, spec: str, allowed: set[str]) -> dict[str, str]:
-    out = {}
-    for part in filter(None, text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in allowed:
-            raise InterventionError(f"intervention {spec!r}: option {part!r} is not one of "
-                                    f"{sorted(allowed)} written as key=value")
-        out[key] = value
-    return out
-
-
-def _layers(text: str) -> list[int]:
-    """``1-3`` or ``0+2+5`` to a list of layers."""
-    if "-" in text:
-        lo, hi = text.split("-", 1)
-        return list(range(int(lo), int(hi) + 1))
-    return [int(x) for x in text.split("+")]
-
-
-def _number(value: str, what: str, spec: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise InterventionError(f"intervention {spec!r}: {what} must be a number, got {value!r}") from None
+SPEC_HELP = ("heads:SCORES.nc[,lambda=1,kind=signed|positive|negative] (V-SEAM head modulation); "
+             "vhr[:alpha=2,layers=1-3]; iri:PLAN.json; scale:SITE=FACTOR[+SITE=FACTOR...] "
+             "(for example scale:lm.head.2.1=1.5+lm.head.3.0=0)")
+SPEC = SpecParser("intervention", SPEC_HELP, InterventionError)
+SCORE_KINDS = ("signed", "positive", "negative")
 
 
 def from_spec(spec: str) -> Callable[[object], ContextManager]:
@@ -56,13 +37,11 @@ def from_spec(spec: str) -> Callable[[object], ContextManager]:
 
 
 def _build(spec: str) -> Callable[[object], ContextManager]:
-    kind, _, rest = spec.partition(":")
-    if kind not in KINDS:
-        raise InterventionError(f"unknown intervention {spec!r}; kinds are {KINDS} (e.g. vhr:alpha=2)")
+    kind, rest = SPEC.split(spec, KINDS)
     if kind == "vhr":
-        opts = _options(rest, spec, {"alpha", "layers"})
-        alpha = _number(opts.get("alpha", "2"), "alpha", spec)
-        layers = _layers(opts["layers"]) if "layers" in opts else None
+        opts = SPEC.options("vhr", rest, ("alpha", "layers"))
+        alpha = SPEC.number("vhr", "alpha", opts.get("alpha", "2"))
+        layers = SPEC.integers("vhr", "layers", opts["layers"]) if "layers" in opts else None
         return lambda vlm: vhr(vlm, alpha=alpha, layers=layers)
     if kind == "iri":
         path = Path(rest)
@@ -72,22 +51,19 @@ def _build(spec: str) -> Callable[[object], ContextManager]:
         plan = InjectionPlan.load(path)
         return lambda vlm: inject(vlm, plan)
     if kind == "scale":
-        scales = {}
-        for part in filter(None, rest.split("+")):
-            site, sep, value = part.partition("=")
-            if not sep:
-                raise InterventionError(f"intervention {spec!r}: write scales as SITE=FACTOR joined by '+'")
-            scales[site] = _number(value, f"scale of {site}", spec)
+        pairs = SPEC.pairs(rest, "scale", "SITE=FACTOR, several joined by '+' (for example "
+                           "scale:lm.head.2.1=1.5+lm.head.3.0=0)", sep="+")
+        scales = {site: SPEC.number("scale", site, value) for site, value in pairs}
         return lambda vlm: modulate_heads(vlm, scales)
     path, _, rest = rest.partition(",")
     if not Path(path).is_file():
         raise InterventionError(f"intervention {spec!r}: head scores {path!r} not found "
                                 "(make them with `vlm-interp heads score`)")
-    opts = _options(rest, spec, {"lambda", "kind"})
-    lam = _number(opts.get("lambda", "1"), "lambda", spec)
+    opts = SPEC.options("heads", rest, ("lambda", "kind"))
+    lam = SPEC.number("heads", "lambda", opts.get("lambda", "1"))
     kind_of_score = opts.get("kind", "signed")
-    if kind_of_score not in ("signed", "positive", "negative"):
-        raise InterventionError(f"intervention {spec!r}: kind must be signed, positive or negative")
+    if kind_of_score not in SCORE_KINDS:
+        raise InterventionError(f"intervention {spec!r}: kind must be one of {SCORE_KINDS}, got {kind_of_score!r}")
     scores = HeadScores.load(path)
     scales = v_seam_scales(getattr(scores, kind_of_score)(), lam, tower=scores.attrs["tower"],
                            component=scores.attrs["component"])
