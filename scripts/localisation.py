@@ -250,7 +250,7 @@ def cross_attention(vlm, ex: Example) -> dict[int, torch.Tensor]:
 
     hooks = [Hook(vlm.adapter.module_path("qformer", "hidden", layer) + ".crossattention.attention", fn=grab(layer),
                   kind="call", name=f"Q-Former cross-attention inputs {layer}") for layer in layers]
-    with torch.no_grad(), vlm.hooks(hooks):  # a layer whose cross-attention never ran is an error
+    with torch.no_grad(), vlm.attach(hooks):  # a layer whose cross-attention never ran is an error
         vlm.logits(ex.inputs)
     out = {}
     for layer, (hidden, enc) in grabbed.items():

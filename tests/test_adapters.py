@@ -87,7 +87,7 @@ def test_identity_hooks_everywhere_leave_logits_bit_identical(vlm, image):
     base = run_logits(vlm, ex)
     for fn in (lambda t: t, lambda t: t.clone(), lambda t: None):
         hooks = [vlm.hook(s, fn) for s in all_sites(vlm)]
-        with vlm.hooks(hooks):
+        with vlm.attach(hooks):
             out = run_logits(vlm, ex)
         assert torch.equal(out, base)
         assert all(h.calls >= 1 for h in hooks)
@@ -108,10 +108,10 @@ def test_patching_a_site_moves_the_residual_by_exactly_the_difference(vlm, image
 
         grab_src = vlm.hook(site, capture=True)
         grab_base = vlm.hook(site, capture=True)
-        with vlm.hooks([grab_src]):
+        with vlm.attach([grab_src]):
             run_logits(vlm, source)
         store, handle = raw_grab(vlm.model, probe_path, kind)
-        with vlm.hooks([grab_base]):
+        with vlm.attach([grab_base]):
             run_logits(vlm, clean)
         residual_base = store.pop()
 
@@ -120,7 +120,7 @@ def test_patching_a_site_moves_the_residual_by_exactly_the_difference(vlm, image
             t[:, pos] = src[:, pos]
             return t
 
-        with vlm.hooks([vlm.hook(site, patch)]):
+        with vlm.attach([vlm.hook(site, patch)]):
             run_logits(vlm, clean)
         handle.remove()
         residual_patched = store.pop()
@@ -137,7 +137,7 @@ def test_patching_last_lm_hidden_equals_manual_final_layers(vlm, image, other_im
     clean, source = vlm.prepare(image, QUESTION), vlm.prepare(other_image, QUESTION)
     site = "lm.hidden.-1"
     grab = vlm.hook(site, capture=True)
-    with vlm.hooks([grab]):
+    with vlm.attach([grab]):
         run_logits(vlm, source)
     base = run_logits(vlm, clean)
     pos = clean.groups["lm"]["last"][0]
@@ -147,7 +147,7 @@ def test_patching_last_lm_hidden_equals_manual_final_layers(vlm, image, other_im
         t[:, pos] = grab.value[:, pos]
         return t
 
-    with vlm.hooks([vlm.hook(site, patch)]):
+    with vlm.attach([vlm.hook(site, patch)]):
         patched = run_logits(vlm, clean)
     with torch.no_grad():
         manual = FINAL[vlm.family](vlm.model, grab.value[:, pos])
@@ -178,7 +178,7 @@ def test_head_edit_equals_manual_split_of_output_projection_input(vlm, image):
             handle = vlm.model.get_submodule(path).register_forward_pre_hook(manual, with_kwargs=True)
             expected = run_logits(vlm, ex)
             handle.remove()
-            with vlm.hooks([vlm.hook(site, lambda t: t * 2.0 + 0.5)]):
+            with vlm.attach([vlm.hook(site, lambda t: t * 2.0 + 0.5)]):
                 got = run_logits(vlm, ex)
             assert not torch.allclose(got, run_logits(vlm, ex)), f"{site} edit had no effect"
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -189,7 +189,7 @@ def test_hooks_are_gone_after_an_exception(vlm, image):
     base = run_logits(vlm, ex)
     before = {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in vlm.model.named_modules()}
     with pytest.raises(ZeroDivisionError):
-        with vlm.hooks([vlm.hook(s, lambda t: t * 0) for s in all_sites(vlm)]):
+        with vlm.attach([vlm.hook(s, lambda t: t * 0) for s in all_sites(vlm)]):
             run_logits(vlm, ex)
             1 / 0
     after = {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in vlm.model.named_modules()}
@@ -203,10 +203,10 @@ def test_a_hook_that_never_fires_raises(vlm, image):
     pixels = ex.inputs["pixel_values"]
     pixels = pixels[0] if pixels.dim() == 5 else pixels  # LLaVA-NeXT stacks crops per image
     with pytest.raises(HookNeverFiredError, match="lm.hidden.0"):
-        with vlm.hooks([vlm.hook("vision.hidden.0", capture=True), vlm.hook("lm.hidden.0", capture=True)]):
+        with vlm.attach([vlm.hook("vision.hidden.0", capture=True), vlm.hook("lm.hidden.0", capture=True)]):
             with torch.no_grad():
                 vision(pixel_values=pixels)
-    with vlm.hooks([vlm.hook("lm.hidden.0", capture=True, allow_unused=True)]):
+    with vlm.attach([vlm.hook("lm.hidden.0", capture=True, allow_unused=True)]):
         with torch.no_grad():
             vision(pixel_values=pixels)
 

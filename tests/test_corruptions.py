@@ -19,7 +19,7 @@ import vlm_interp as vi
 from vlm_interp import corruptions as C
 from vlm_interp.corruptions import CorruptionError, NotMinimalPairWarning
 from vlm_interp.errors import HookNeverFiredError
-from vlm_interp.hooks import Hook, Hooks
+from vlm_interp.hooks import AttachedHooks, Hook
 from vlm_interp.tiny import tiny
 from vlm_interp.zoo.pairs import PAIR_LEVELS, NoMinimalPairError, minimal_pair
 from vlm_interp.zoo.shapes import COLORS, SHAPES, World
@@ -56,7 +56,7 @@ def organism() -> vi.VLM:
 def _capture(vlm, ex, module, kind="output"):
     """The tensor at ``module`` when ``ex`` runs with its edits (the capture hook runs after them)."""
     grab = Hook(module, kind=kind, capture=True)
-    with C.applied(vlm, ex), Hooks(vlm.model, [grab]), torch.no_grad():
+    with C.applied(vlm, ex), AttachedHooks(vlm.model, [grab]), torch.no_grad():
         vlm.logits(ex.inputs)
     return grab.value
 

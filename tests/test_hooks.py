@@ -10,7 +10,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from vlm_interp.errors import HookNeverFiredError, ModuleNotFoundInModelError, UnsupportedOutputError
-from vlm_interp.hooks import Hook, Hooks, capture, edit
+from vlm_interp.hooks import AttachedHooks, Hook, capture, edit
 from vlm_interp.tiny import tiny
 
 from conftest import QUESTION
@@ -76,7 +76,7 @@ def test_edit_keeps_container_type_and_other_fields(kind):
 def test_edit_input_positional_and_keyword():
     lin = nn.Linear(3, 3)
     x = torch.randn(4, 3)
-    with Hooks(lin, [Hook("", fn=lambda t: t * 0, kind="input")]):
+    with AttachedHooks(lin, [Hook("", fn=lambda t: t * 0, kind="input")]):
         assert torch.allclose(lin(x), lin.bias.expand(4, 3))
 
     class KwOnly(nn.Module):
@@ -84,7 +84,7 @@ def test_edit_input_positional_and_keyword():
             return hidden_states + 1
 
     m = KwOnly()
-    with Hooks(m, [Hook("", fn=lambda t: t * 3, kind="input")]):
+    with AttachedHooks(m, [Hook("", fn=lambda t: t * 3, kind="input")]):
         assert torch.equal(m(hidden_states=torch.ones(2)), torch.full((2,), 4.0))
 
 
@@ -95,7 +95,7 @@ def test_input_hook_without_tensor_argument_is_a_clear_error():
 
     weird = Weird()
     with pytest.raises(UnsupportedOutputError, match="'hidden_states'"):
-        with Hooks(weird, [Hook("", fn=lambda t: t, kind="input")]):
+        with AttachedHooks(weird, [Hook("", fn=lambda t: t, kind="input")]):
             weird(values=torch.ones(1))
 
 
@@ -128,7 +128,7 @@ def test_capture_detached_or_with_grad_and_edit_plus_capture():
     hooks[""].value.sum().backward()
     assert lin.weight.grad is not None
     both = Hook("", fn=lambda t: t * 0, capture=True)
-    with Hooks(lin, [both]):
+    with AttachedHooks(lin, [both]):
         lin(x)
     assert torch.equal(both.value, torch.zeros(2, 3))  # capture sees what flows on
 
@@ -137,7 +137,7 @@ def test_channels_select_a_slice_for_edit_and_capture():
     lin = nn.Linear(4, 4)
     x = torch.arange(8.0).reshape(2, 4)
     hook = Hook("", fn=lambda t: t * 10, kind="input", capture=True, channels=slice(2, 4))
-    with Hooks(lin, [hook]):
+    with AttachedHooks(lin, [hook]):
         y = lin(x)
     manual = x.clone()
     manual[:, 2:] *= 10
@@ -155,14 +155,14 @@ def test_hooks_removed_after_exception_and_never_fired_raises():
         with edit(lin, {"": lambda t: t}):
             pass
     assert not lin._forward_hooks
-    with Hooks(lin, [Hook("", fn=lambda t: t, allow_unused=True)]):
+    with AttachedHooks(lin, [Hook("", fn=lambda t: t, allow_unused=True)]):
         pass  # opted out: no error
 
 
 def test_missing_module_is_a_clear_error_and_nothing_is_attached():
     net = Net("tensor")
     with pytest.raises(ModuleNotFoundInModelError, match="does not exist"):
-        with Hooks(net, [Hook("lin", fn=lambda t: t), Hook("nope", fn=lambda t: t)]):
+        with AttachedHooks(net, [Hook("lin", fn=lambda t: t), Hook("nope", fn=lambda t: t)]):
             pass
     assert not net.lin._forward_hooks
 
@@ -234,14 +234,14 @@ def test_edit_reaches_the_vision_layer_that_transformers_records(family):
     read = vlm.model.config.vision_feature_layer
     layer = read % vlm.adapter.n_layers["vision"] if read < 0 else read - 1  # hidden_states[0] is the embedding
     order = []
-    with torch.no_grad(), vlm.hooks([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("first") or t + 5.0),
+    with torch.no_grad(), vlm.attach([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("first") or t + 5.0),
                                      vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("second") or t)]):
         edited = vlm.logits(ex.inputs)
     assert order == ["first", "second"]
     assert not torch.allclose(base, edited), f"the edit of vision layer {layer} never reached the LM"
     order.clear()  # nested contexts: the outer (earlier) context's hook still runs first
-    with torch.no_grad(), vlm.hooks([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("outer") or t + 5.0)]):
-        with vlm.hooks([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("inner") or t)]):
+    with torch.no_grad(), vlm.attach([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("outer") or t + 5.0)]):
+        with vlm.attach([vlm.hook(f"vision.hidden.{layer}", lambda t: order.append("inner") or t)]):
             nested = vlm.logits(ex.inputs)
     assert order == ["outer", "inner"]
     torch.testing.assert_close(nested, edited, rtol=0, atol=0)

@@ -120,9 +120,9 @@ def test_a_layers_input_is_the_previous_layers_output_and_input_zero_the_embeddi
     np.testing.assert_allclose(entering, leaving, atol=1e-6)
     if vlm.adapter.adapter.image_in_lm:
         grab = vlm.hook("lm.input.0", capture=True)
-        with torch.no_grad(), vlm.hooks([grab]):
+        with torch.no_grad(), vlm.attach([grab]):
             clean_logits = vlm.logits(clean.inputs)
-        with torch.no_grad(), vlm.hooks([vlm.hook("lm.input.0", lambda t: grab.value)]):
+        with torch.no_grad(), vlm.attach([vlm.hook("lm.input.0", lambda t: grab.value)]):
             restored = vlm.logits(corrupt.inputs)
         with torch.no_grad():
             corrupt_logits = vlm.logits(corrupt.inputs)

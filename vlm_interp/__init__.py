@@ -8,7 +8,7 @@ from . import corruptions, hooks, interventions, tracing
 from .adapters import supported
 from .errors import VLMInterpError
 from .example import Example
-from .hooks import Hook, Hooks
+from .hooks import AttachedHooks, Hook
 from . import loading as _loading
 from .hallucination import sets as _sets
 from .loading import load, wrap
@@ -46,6 +46,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "corruptions", "tracing", "interventions", "load", "wrap", "VLM", "Example", "AnswerScore", "Hook", "Hooks", "hooks", "Site", "parse_site",
+    "corruptions", "tracing", "interventions", "load", "wrap", "VLM", "Example", "AnswerScore", "Hook", "AttachedHooks", "hooks", "Site", "parse_site",
     "supported", "VLMInterpError", "__version__",
 ]

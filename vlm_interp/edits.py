@@ -25,7 +25,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from .errors import CorruptionError
-from .hooks import Hook, Hooks
+from .hooks import AttachedHooks, Hook
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +87,7 @@ _ACTIVE: set[tuple[int, int]] = set()  # (model, example) pairs whose edits are 
 
 
 @contextlib.contextmanager
-def applied(vlm: Any, example: Any) -> Iterator[Hooks | None]:
+def applied(vlm: Any, example: Any) -> Iterator[AttachedHooks | None]:
     """Attach ``example.edits`` to ``vlm.model`` as hooks while the body runs; removed on exit, error if
     one never fired.
 
@@ -99,7 +99,7 @@ def applied(vlm: Any, example: Any) -> Iterator[Hooks | None]:
         return
     _ACTIVE.add(key)
     try:
-        with Hooks(vlm.model, [edit.hook() for edit in example.edits]) as hooks:
+        with AttachedHooks(vlm.model, [edit.hook() for edit in example.edits]) as hooks:
             yield hooks
     finally:
         _ACTIVE.discard(key)

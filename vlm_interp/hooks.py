@@ -3,9 +3,10 @@
 A :class:`Hook` names a module by its dotted path and says what to do with the module's
 primary tensor (its output, or its first input): edit it through a function, capture it,
 or both. A ``call`` hook only observes the arguments of each call (for example to learn the
-cache length during generation). :class:`Hooks` is the context manager that attaches a set of hooks, removes
-exactly the handles it created (transformers installs hooks of its own that must
-survive), and raises :class:`HookNeverFiredError` when a hook did not fire.
+cache length during generation). :class:`AttachedHooks` is the context manager that
+attaches a set of hooks (``vlm.attach(hooks)`` on a loaded model), removes exactly the
+handles it created (transformers installs hooks of its own that must survive), and raises
+:class:`HookNeverFiredError` when a hook did not fire.
 
 The *primary tensor* of a module output is found from the output's runtime type, not
 from a guess about the transformers version: a tensor is itself; a tuple or list has it
@@ -29,7 +30,7 @@ EditFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 HookKind = Literal["output", "input", "call"]
 CallFn = Callable[[tuple, dict], None]
 
-__all__ = ["Hook", "Hooks", "capture", "edit", "resolve_module", "primary_tensor", "replace_primary"]
+__all__ = ["Hook", "AttachedHooks", "capture", "edit", "resolve_module", "primary_tensor", "replace_primary"]
 
 
 @dataclass(eq=False)
@@ -209,7 +210,7 @@ def _call_hook(hook: Hook) -> Callable:
     return run
 
 
-class Hooks(contextlib.AbstractContextManager):
+class AttachedHooks(contextlib.AbstractContextManager):
     """Attach ``hooks`` to ``model`` for the duration of a ``with`` block.
 
     On exit every handle this object created is removed (and only those), also when the
@@ -222,9 +223,9 @@ class Hooks(contextlib.AbstractContextManager):
         self.hooks: list[Hook] = list(hooks)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> "AttachedHooks":
         if self._handles:
-            raise RuntimeError("this Hooks context is already active; create a new one")
+            raise RuntimeError("this AttachedHooks context is already active; create a new one")
         modules = [resolve_module(self.model, h.module) for h in self.hooks]  # resolve all before attaching any
         try:
             for hook, module in zip(self.hooks, modules):
@@ -276,7 +277,7 @@ def capture(
 ) -> Iterator[dict[str, Hook]]:
     """Capture the primary tensor of each named module; yields ``{path: Hook}``."""
     hooks = {m: Hook(m, kind=kind, capture=True, grad=grad) for m in modules}
-    with Hooks(model, hooks.values()):
+    with AttachedHooks(model, hooks.values()):
         yield hooks
 
 
@@ -284,5 +285,5 @@ def capture(
 def edit(model: nn.Module, edits: dict[str, EditFn], kind: HookKind = "output") -> Iterator[dict[str, Hook]]:
     """Edit the primary tensor of each named module through its function; yields ``{path: Hook}``."""
     hooks = {m: Hook(m, fn=fn, kind=kind) for m, fn in edits.items()}
-    with Hooks(model, hooks.values()):
+    with AttachedHooks(model, hooks.values()):
         yield hooks

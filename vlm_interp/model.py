@@ -16,7 +16,7 @@ from .adapters.decoders import DECODERS
 from .edits import applied
 from .errors import AnswerEncodingError, ImageTokenMismatchError, PromptError
 from .example import Example
-from .hooks import Hook, Hooks
+from .hooks import AttachedHooks, Hook
 
 
 @dataclass
@@ -82,9 +82,9 @@ class VLM:
         """A :class:`~vlm_interp.hooks.Hook` at a site name such as ``lm.attn.1`` or ``lm.head.1.3``."""
         return self.adapter.hook(site, fn, **kw)
 
-    def hooks(self, hooks) -> Hooks:
+    def attach(self, hooks) -> AttachedHooks:
         """Context manager attaching ``hooks`` to this model (see :mod:`vlm_interp.hooks`)."""
-        return Hooks(self.model, hooks)
+        return AttachedHooks(self.model, hooks)
 
     # ---- prompts ----------------------------------------------------------------------
     def format_prompt(self, question: str, template: str | None = None) -> str:
@@ -162,7 +162,7 @@ class VLM:
                 "checkpoint or fix the processor's settings."
             )
 
-    def _text_alignment(self, tokenizer, prompt: str, seq: list[int], skip_id: int | None) -> dict[int, tuple[int, int]]:
+    def text_alignment(self, tokenizer, prompt: str, seq: list[int], skip_id: int | None) -> dict[int, tuple[int, int]]:
         """Map positions of ``seq`` (a processed sequence) to character spans of ``prompt``.
 
         The prompt is tokenized with offsets; positions holding ``skip_id`` (image tokens,
@@ -193,7 +193,7 @@ class VLM:
         ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
         if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
-            spans = self._text_alignment(self.tokenizer, ex.prompt, ids, None)
+            spans = self.text_alignment(self.tokenizer, ex.prompt, ids, None)
             ex.groups[self.decoder.prompt_tower] = {
                 "question": self._question_positions(spans, ex.prompt, ex.question),
                 "text": list(range(len(ids))),
@@ -203,7 +203,7 @@ class VLM:
             return
         ids = ex.inputs["input_ids"][0].tolist()
         image_id = self.image_token_id
-        spans = self._text_alignment(self.tokenizer, ex.prompt, ids, image_id)
+        spans = self.text_alignment(self.tokenizer, ex.prompt, ids, image_id)
         image_pos = [p for p, t in enumerate(ids) if t == image_id]
         ex.groups["lm"] = {
             "image": image_pos,
@@ -218,7 +218,7 @@ class VLM:
             groups = {"image": list(range(n_query))}
             if "qformer_input_ids" in ex.inputs:
                 qids = ex.inputs["qformer_input_ids"][0].tolist()
-                qspans = self._text_alignment(self.processor.qformer_tokenizer, ex.prompt, qids, None)
+                qspans = self.text_alignment(self.processor.qformer_tokenizer, ex.prompt, qids, None)
                 groups["question"] = [n_query + p for p in self._question_positions(qspans, ex.prompt, ex.question)]
                 groups["text"] = [n_query + p for p in range(len(qids))]
             ex.groups["qformer"] = groups
@@ -272,7 +272,7 @@ class VLM:
         if not lm.get("object"):
             raise ValueError("FCCT groups need the object's visual tokens: prepare(..., region=...) first")
         ids = ex.inputs["input_ids"][0].tolist()
-        spans = self._text_alignment(self.tokenizer, ex.prompt, ids, self.image_token_id)
+        spans = self.text_alignment(self.tokenizer, ex.prompt, ids, self.image_token_id)
         q_start = ex.prompt.rfind(ex.question)
         at = ex.question.rfind(word)
         if not word or at < 0:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AnswerEncodingError
-from ..hooks import Hook, Hooks
+from ..hooks import AttachedHooks, Hook
 
 
 class CausalDecoder:
@@ -77,7 +77,7 @@ class BlipDecoder:
             ids = inputs["input_ids"]
             inputs = {**inputs, "decoder_input_ids": self._start(model, ids.shape[0], ids.device)}
         grab = Hook(logits_module, capture=True, grad=True, name="answer logits")
-        with Hooks(model, [grab]):
+        with AttachedHooks(model, [grab]):
             model(**inputs)
         return grab.value
 

@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     import vlm_interp as vi
     from vlm_interp.corruptions import noise
-    from vlm_interp.plots import save_object_overlay
+    from vlm_interp.figures import save_object_overlay
     from vlm_interp.tracing import trace
     from vlm_interp.tracing.plot import plot_image_effects, plot_trace
     from vlm_interp.zoo.organisms import ORGANISM_WORLD

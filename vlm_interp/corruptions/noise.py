@@ -38,7 +38,7 @@ from ..edits import InputEdit
 from ..errors import CorruptionError
 from ..example import Example
 from ..adapters.base import NoisePlace
-from ..hooks import Hook, Hooks
+from ..hooks import AttachedHooks, Hook
 
 PlaceName = Literal["embeddings", "patches", "pixels"]
 PLACE_NAMES: tuple[str, ...] = ("embeddings", "patches", "pixels")
@@ -100,7 +100,7 @@ def place_values(vlm, ex: Example, place: str) -> torch.Tensor:
         return ex.inputs["pixel_values"].detach().float().flatten()
     p = place_of(vlm, place)
     grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values")
-    with Hooks(vlm.model, [grab]), torch.no_grad():
+    with AttachedHooks(vlm.model, [grab]), torch.no_grad():
         vlm.logits(ex.inputs)
     value = grab.value
     if p.index == "position":

@@ -14,7 +14,7 @@ import pandas as pd
 from ..files import atomic_write
 from ..loading import load
 from ..model import VLM
-from ..plots import save_figure
+from ..figures import pyplot, save_figure
 from .metrics import mcnemar
 from .pope import SPLITS, PopeItem, pope_table, process_rank, read_pope, run_pope_sharded, unanswered
 from .sets import question_folder
@@ -57,12 +57,9 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
 
 def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", source: str = "logits") -> Path:
     """Grouped bars: one group per split, one bar per system, with bootstrap intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     data = table[table["source"] == source]
     systems = list(dict.fromkeys(data["system"]))
     splits = [s for s in SPLITS if s in set(data["split"])]

@@ -126,7 +126,7 @@ def inject(vlm, plan: InjectionPlan) -> Iterator[InjectionPlan]:
             path, kind = vlm.adapter.hook_point("lm", component, layer)
             fn = _injector(tracker, seen, layer, layer in sources, targets.get(layer), plan.coefficients[component])
             hooks.append(Hook(path, fn=fn, kind=kind, name=f"IRI lm.{component}.{layer}"))
-    with vlm.hooks(hooks):
+    with vlm.attach(hooks):
         yield plan
 
 

@@ -67,7 +67,7 @@ def modulate_heads(vlm, scales: Scales) -> Iterator[list[Hook]]:
     if not scales:
         raise InterventionError("modulate_heads got no heads to scale")
     hooks = head_scale_hooks(vlm, scales)
-    with vlm.hooks(hooks):
+    with vlm.attach(hooks):
         yield hooks
 
 

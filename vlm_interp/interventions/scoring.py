@@ -26,9 +26,8 @@ from ..example import Example
 from ..files import atomic_write, changed_settings
 from ..hooks import Hook
 from ..sites import HEAD_COMPONENTS, Site
-from ..plots import save_figure
+from ..figures import pyplot, save_figure
 from ..tracing.engine import repeat_inputs
-from ..tracing.plot import _plt
 from ..tracing.results import Labelled
 from .steps import InterventionError
 
@@ -109,7 +108,7 @@ def head_means(vlm, examples: Iterable[Example], tower: str = "lm", component: s
         for layer in layers:
             path, kind = vlm.adapter.hook_point(tower, component, layer)
             hooks[layer] = Hook(path, kind=kind, capture=True)
-        with torch.no_grad(), applied(vlm, ex), vlm.hooks(hooks.values()):
+        with torch.no_grad(), applied(vlm, ex), vlm.attach(hooks.values()):
             vlm.logits(ex.inputs)
         for layer, hook in hooks.items():
             flat = hook.value.reshape(-1, hook.value.shape[-1])
@@ -142,7 +141,7 @@ def score_example(vlm, ex: Example, tower: str = "lm", component: str = "head", 
         ablated = []
         for start in range(0, len(heads), batch_size):
             chunk = heads[start:start + batch_size]
-            with vlm.hooks(_rows_hooks(vlm, tower, component, chunk, ablation, means)):
+            with vlm.attach(_rows_hooks(vlm, tower, component, chunk, ablation, means)):
                 ablated.append(_answer_prob(vlm, vlm.logits(repeat_inputs(ex.inputs, len(chunk))), ex))
     effect = np.full((len(layers), vlm.adapter.n_heads[tower]), np.nan)
     for site, value in zip(heads, torch.cat(ablated).tolist()):
@@ -213,7 +212,7 @@ def compare_levels(scores: dict[str, HeadScores], kind: str = "signed", k: int =
 
 def plot_head_scores(scores: dict[str, HeadScores], path: "str | Path", kind: str = "signed") -> Path:
     """Side-by-side layer x head heatmaps of one kind of score, one panel per level or model."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(scores), figsize=(3.4 * len(scores), 3), squeeze=False)
     for ax, (name, s) in zip(axes[0], scores.items()):
         grid = getattr(s, kind)()

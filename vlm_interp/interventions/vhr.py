@@ -34,7 +34,7 @@ def _last_head_outputs(vlm, base, embeds: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         path, kind = vlm.adapter.hook_point("lm", "head", layer)
         hooks.append(Hook(path, kind=kind, capture=True, name=f"VHD head capture {layer}"))
-    with torch.no_grad(), vlm.hooks(hooks):
+    with torch.no_grad(), vlm.attach(hooks):
         base(inputs_embeds=embeds, use_cache=False)
     n = vlm.adapter.n_heads["lm"]
     return torch.stack([h.value[0, -1].view(n, -1) for h in hooks])  # (layers, heads, head_dim)
@@ -66,7 +66,7 @@ def head_divergence(vlm, example: Example) -> xr.DataArray:
     def keep(args: tuple, kwargs: dict) -> None:
         grab.setdefault("embeds", kwargs.get("inputs_embeds"))
 
-    with torch.no_grad(), applied(vlm, example), vlm.hooks([Hook(lm_base_path(vlm), fn=keep, kind="call")]):
+    with torch.no_grad(), applied(vlm, example), vlm.attach([Hook(lm_base_path(vlm), fn=keep, kind="call")]):
         vlm.logits(example.inputs)
     if grab.get("embeds") is None:
         raise InterventionError(f"{lm_base_path(vlm)} was not called with inputs_embeds; cannot separate the image")
@@ -161,5 +161,5 @@ def vhr(vlm, alpha: float = 2.0, layers: Sequence[int] | None = None) -> Iterato
     for layer in range(n_layers):
         path, kind = vlm.adapter.hook_point("lm", "head", layer)
         hooks.append(Hook(path, fn=amplify(layer), kind=kind, name=f"VHR amplify lm.head.{layer}"))
-    with vlm.hooks(hooks):
+    with vlm.attach(hooks):
         yield state

@@ -85,7 +85,7 @@ def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tu
     """Base-run activations at ``slots`` and the metric's gradient there (None: the answer ignores it)."""
     hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}")
              for slot in slots}
-    with torch.enable_grad(), _params_require_grad(vlm.model), applied(vlm, plan.base), vlm.hooks(hooks.values()):
+    with torch.enable_grad(), _params_require_grad(vlm.model), applied(vlm, plan.base), vlm.attach(hooks.values()):
         logits = vlm.logits(plan.base.inputs)
         value = plan.metric(logits[:, vlm.answer_start(plan.base)]).sum()
         acts = [hooks[s].value for s in slots]
@@ -96,7 +96,7 @@ def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tu
 def _source_values(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> dict:
     """Source-run activations at ``slots`` (whole tensors, also for head components); one forward."""
     hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}") for slot in slots}
-    with torch.no_grad(), applied(vlm, plan.source), vlm.hooks(hooks.values()):
+    with torch.no_grad(), applied(vlm, plan.source), vlm.attach(hooks.values()):
         vlm.logits(plan.source.inputs)
     return {s: hooks[s].value for s in slots}
 
@@ -203,7 +203,7 @@ def _check_projection(vlm, plan: GridPlan, comp: str) -> None:
     site = vlm.adapter.hook(Site(plan.tower, comp, layer), capture=True)
     path = vlm.adapter.hook_point(plan.tower, _ATTN_OF_HEAD[comp], layer)[0]
     proj = Hook(path, capture=True, name="projection output")
-    with torch.no_grad(), applied(vlm, plan.base), vlm.hooks([site, proj]):
+    with torch.no_grad(), applied(vlm, plan.base), vlm.attach([site, proj]):
         vlm.logits(plan.base.inputs)
     if site.value.shape != proj.value.shape or not torch.equal(site.value, proj.value):
         raise SiteError(f"{plan.tower}.{comp}: the attention output is not its output projection's output in "
@@ -286,6 +286,6 @@ def integrated_patching(vlm, clean: Example, corrupt: Example,
 def _seq_len(vlm, plan: GridPlan, comp: str, layer: int) -> int:
     """Length of the token axis at a site the answer ignores (for its all-zero effect row)."""
     hook = vlm.adapter.hook(Site(plan.tower, comp, layer, 0 if comp in HEAD_COMPONENTS else None), capture=True)
-    with torch.no_grad(), applied(vlm, plan.base), vlm.hooks([hook]):
+    with torch.no_grad(), applied(vlm, plan.base), vlm.attach([hook]):
         vlm.logits(plan.base.inputs)
     return int(hook.value.shape[1])

@@ -47,7 +47,7 @@ def repeat_inputs(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch
 def site_activations(vlm, example: Example, sites: Iterable[Site]) -> dict[Site, torch.Tensor]:
     """The activations of ``example`` (with its edits) at ``sites``, detached; one forward."""
     hooks = {site: vlm.hook(site, capture=True) for site in dict.fromkeys(sites)}
-    with torch.no_grad(), applied(vlm, example), vlm.hooks(hooks.values()):
+    with torch.no_grad(), applied(vlm, example), vlm.attach(hooks.values()):
         vlm.logits(example.inputs)
     return {site: hook.value for site, hook in hooks.items()}
 
@@ -137,7 +137,7 @@ def _tower_shapes(vlm, base: Example) -> dict[str, tuple[int, int]]:
         return record
 
     hooks = [vlm.hook(Site(t, "hidden", 0), recorder(t), allow_unused=True) for t in vlm.adapter.towers()]
-    with torch.no_grad(), applied(vlm, base), vlm.hooks(hooks):
+    with torch.no_grad(), applied(vlm, base), vlm.attach(hooks):
         logits = vlm.logits(base.inputs)
     shapes["vocab"] = (logits.shape[1], logits.shape[-1])
     return shapes
@@ -186,7 +186,7 @@ def _run_whole(vlm, base: Example, source, cells: Sequence[Cell], metric: Metric
     answer_at = vlm.answer_start(base)
     for lo in range(0, len(cells), size):
         chunk = cells[lo:lo + size]
-        with torch.no_grad(), applied(vlm, base), vlm.hooks(_patch_hooks(vlm, chunk, source)):
+        with torch.no_grad(), applied(vlm, base), vlm.attach(_patch_hooks(vlm, chunk, source)):
             logits = vlm.logits(repeat_inputs(base.inputs, len(chunk)))
         out[lo:lo + len(chunk)] = metric(logits[:, answer_at])
         bar.update(len(chunk))
@@ -263,7 +263,7 @@ def _run_from_lm(vlm, start: fast.LMStart, source, cells: Sequence[Cell], metric
         index = [busy[k] for k in chunk]
         batch = [cells[i] for i in index]
         layer, position, span_end = _chunk_args([entries[i] for i in index])
-        with torch.no_grad(), vlm.hooks(_patch_hooks(vlm, batch, source, start.start_position(position))):
+        with torch.no_grad(), vlm.attach(_patch_hooks(vlm, batch, source, start.start_position(position))):
             logits = start.logits(len(batch), layer, position, span_end)
         out[index] = metric(logits)
         bar.update(len(batch))

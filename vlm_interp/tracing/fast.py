@@ -112,7 +112,7 @@ def _probe(vlm, base: Example, state: LMStart, site: Site, span: bool, first: in
         scale = float(recorded[0, position].float().pow(2).mean().sqrt()) or 1.0
         for strength in (1.0, 16.0):
             delta = direction * scale * strength
-            with torch.no_grad(), applied(vlm, base), vlm.hooks([vlm.hook(site, _add_at(0, position, delta, 0))]):
+            with torch.no_grad(), applied(vlm, base), vlm.attach([vlm.hook(site, _add_at(0, position, delta, 0))]):
                 expected = vlm.logits(base.inputs)[0, state.answer_at].float()
             if float((expected - state.reference).abs().max()) > SELF_CHECK_VISIBLE * tol:
                 return Probe(site, site.layer if span else 0, span, position, delta, expected)
@@ -160,7 +160,7 @@ def self_check(vlm, state: LMStart, checks: list[Probe], position: int) -> str:
     for probe in checks:
         if probe.position < offset:
             return f"the self-check's perturbation at position {probe.position} precedes the restart at {offset}"
-        with torch.no_grad(), vlm.hooks([vlm.hook(probe.site, _add_at(1, probe.position, probe.delta, offset))]):
+        with torch.no_grad(), vlm.attach([vlm.hook(probe.site, _add_at(1, probe.position, probe.delta, offset))]):
             got = state.logits(2, probe.layer, position, probe.position if probe.span else None).float()
         for row, want, what in ((0, state.reference, "unchanged"), (1, probe.expected, f"perturbed at {probe.site}")):
             err = float((got[row] - want).abs().max())
@@ -196,7 +196,7 @@ def lm_start(vlm, base: Example) -> tuple[LMStart | None, str]:
     store: list[list] = [[] for _ in range(n)]
     hooks = recording_hooks(tower.layers, n, store)
     answer_at = vlm.answer_start(base)
-    with torch.no_grad(), applied(vlm, base), vlm.hooks(hooks):  # recorders run after the edits
+    with torch.no_grad(), applied(vlm, base), vlm.attach(hooks):  # recorders run after the edits
         reference = vlm.logits({**base.inputs, "use_cache": True})[0, answer_at].float()
     store.append([((hooks[-1].value,), {})])
     inputs, keys, caches = [], set(), []

@@ -7,17 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..example import Example
-from ..plots import save_figure
+from ..figures import pyplot, save_figure
 from .results import Trace
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _collapse_image(trace: Trace, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -44,7 +35,7 @@ def _collapse_image(trace: Trace, values: np.ndarray) -> tuple[np.ndarray, list[
 
 def plot_trace(trace: Trace, path: "str | Path", collapse_image: bool = True, normalise: bool = True) -> Path:
     """One heatmap per component: layers (rows) x token positions (columns), ROME style."""
-    plt = _plt()
+    plt = pyplot()
     data = trace.rr() if normalise else trace.data
     comps = list(data.coords["component"].values)
     fig, axes = plt.subplots(len(comps), 1, figsize=(min(18, 2 + 0.28 * data.sizes["position"]), 1.2 + 1.6 * len(comps)),
@@ -71,7 +62,7 @@ def plot_trace(trace: Trace, path: "str | Path", collapse_image: bool = True, no
 
 def plot_heads(trace: Trace, path: "str | Path", position: int = 0, normalise: bool = True) -> Path:
     """Layer x head heatmap of a head trace at one token-axis entry."""
-    plt = _plt()
+    plt = pyplot()
     data = (trace.rr() if normalise else trace.data).isel(position=position)
     comps = list(data.coords["component"].values)
     fig, axes = plt.subplots(1, len(comps), figsize=(3.5 * len(comps), 3), squeeze=False)
@@ -90,7 +81,7 @@ def plot_heads(trace: Trace, path: "str | Path", position: int = 0, normalise: b
 def plot_image_effects(trace: Trace, example: Example, path: "str | Path", component: str = "hidden",
                        layer: int | None = None, tower: str = "lm") -> Path:
     """Effects of restoring single image tokens drawn over the image on the patch grid."""
-    plt = _plt()
+    plt = pyplot()
     data = trace.rr().sel(component=component)
     if layer is None:  # the layer where image tokens matter most
         image_cols = [k for k, g in enumerate(data.coords["group"].values) if g == "image"]

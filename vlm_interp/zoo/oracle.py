@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hooks import Hooks
+from ..hooks import AttachedHooks
 from ..model import VLM
 from ..sites import Site
 from .scene_code import patch_code
@@ -29,7 +29,7 @@ class OracleVision:
         self.vlm = vlm
         self.site = Site("vision", "hidden", vlm.adapter.n_layers["vision"] - 1)
         self.code: torch.Tensor | None = None
-        self._hooks: Hooks | None = None
+        self._hooks: AttachedHooks | None = None
 
     def _replace(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.code is None or self.code.shape != hidden.shape:
@@ -38,7 +38,7 @@ class OracleVision:
         return self.code
 
     def __enter__(self) -> "OracleVision":
-        self._hooks = self.vlm.hooks([self.vlm.hook(self.site, self._replace)])
+        self._hooks = self.vlm.attach([self.vlm.hook(self.site, self._replace)])
         self._hooks.__enter__()
         return self
 

@@ -1,4 +1,8 @@
-"""Pictures people would rather look at than numbers: token groups and effects over the image."""
+"""Figures: matplotlib without a display, atomic saving, and the token groups drawn over the image.
+
+The plots of traces (:mod:`vlm_interp.tracing.plot`), of head scores and of evaluations
+all draw through :func:`pyplot` and save through :func:`save_figure`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,16 @@ import numpy as np
 
 from .example import Example
 from .files import atomic_path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures are written to files, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: "str | Path") -> Path:
@@ -20,12 +34,9 @@ def save_figure(fig, path: "str | Path") -> Path:
 def save_object_overlay(ex: Example, tower: str, path: "str | Path", group: str = "object",
                         title: str | None = None) -> Path:
     """Draw the image with the patch boxes of ``tower`` and highlight those in ``group``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(np.asarray(ex.image))
     chosen = set(ex.groups.get(tower, {}).get(group, []))
