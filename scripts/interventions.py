@@ -30,14 +30,14 @@ import vlm_interp as vi
 from vlm_interp.files import atomic_write
 from vlm_interp.hallucination.chair import run_chair
 from vlm_interp.hallucination.compare import compare, markdown_table, read_pope_folder
-from vlm_interp.hallucination.metrics import binary_metrics
+from vlm_interp.hallucination.stats import binary_metrics
 from vlm_interp.hallucination.pope import logit_answer
 from vlm_interp.interventions import (HeadScores, InjectionPlan, compare_levels, inject, modulate_heads,
                                       plot_head_scores, score_heads, v_seam_scales, vhr)
 from vlm_interp.zoo.calibration import CALIBRATION_SEED, LEVELS, calibration_examples
 from vlm_interp.zoo.evaluate import EVAL_SEED
 from vlm_interp.zoo.organisms import ORGANISM_WORLD
-from vlm_interp.zoo.pope import write_pope
+from vlm_interp.zoo.pope_set import write_pope
 from vlm_interp.zoo.shapes import World
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 def negative_yes(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
     """Yes-ratio on the questions about absent objects (the hallucination rate), per system and split."""
     from vlm_interp.hallucination.compare import slug
-    from vlm_interp.hallucination.metrics import bootstrap_ci
+    from vlm_interp.hallucination.stats import bootstrap_ci
     from vlm_interp.hallucination.pope import load_results
 
-    from vlm_interp.hallucination.metrics import mcnemar
+    from vlm_interp.hallucination.stats import mcnemar
 
     rows = []
     systems = list(dict.fromkeys(table["system"]))

@@ -46,7 +46,7 @@ from vlm_interp.example import Example
 from vlm_interp.files import atomic_write
 from vlm_interp.hooks import Hook
 from vlm_interp.hallucination.compare import markdown_table, slug
-from vlm_interp.hallucination.metrics import bootstrap_ci
+from vlm_interp.hallucination.stats import bootstrap_ci
 from vlm_interp.tracing import trace
 from vlm_interp.tracing.baselines import patch_feature_ablation, patch_grid, patch_positions, pixel_integrated_gradients
 from vlm_interp.tracing.dataset import model_is_right

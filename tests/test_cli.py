@@ -90,7 +90,7 @@ def test_heads_score_then_pope_and_compare_with_interventions(tmp_path):
     from vlm_interp.cli import main
     from vlm_interp.interventions import HeadScores
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
-    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.pope_set import write_pope
     from vlm_interp.zoo.shapes import World
 
     scores = tmp_path / "scores.nc"

@@ -21,7 +21,7 @@ from vlm_interp.corruptions import CorruptionError, NotMinimalPairWarning
 from vlm_interp.errors import HookNeverFiredError
 from vlm_interp.hooks import AttachedHooks, Hook
 from vlm_interp.tiny import tiny
-from vlm_interp.zoo.pairs import PAIR_LEVELS, NoMinimalPairError, minimal_pair
+from vlm_interp.zoo.scene_pairs import PAIR_LEVELS, NoMinimalPairError, minimal_pair
 from vlm_interp.zoo.shapes import COLORS, SHAPES, World
 
 QUESTION = "Is there a red circle ?"

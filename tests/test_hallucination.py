@@ -17,7 +17,7 @@ from vlm_interp.hallucination.answers import parse_yes_no
 from vlm_interp.hallucination.compare import compare, read_pope_folder
 from vlm_interp.hallucination.pope import PopeFormatError, load_results, read_pope, run_pope, run_pope_sharded
 from vlm_interp.zoo.organisms import ORGANISM_WORLD
-from vlm_interp.zoo.pope import write_pope
+from vlm_interp.zoo.pope_set import write_pope
 from vlm_interp.zoo.shapes import World
 
 

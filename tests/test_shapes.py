@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlm_interp.zoo.pairs import PAIR_LEVELS, NoMinimalPairError, minimal_pair
-from vlm_interp.zoo.pope import pope_questions, read_jsonl, write_pope
+from vlm_interp.zoo.scene_pairs import PAIR_LEVELS, NoMinimalPairError, minimal_pair
+from vlm_interp.zoo.pope_set import pope_questions, read_jsonl, write_pope
 from vlm_interp.zoo.shapes import SHAPES, World, WorldConfig, cooccurrence
 from vlm_interp.zoo.tasks import CAPTION_PROMPT, caption, make_qa
 from vlm_interp.zoo.text import (

@@ -9,7 +9,7 @@ import torch
 
 import vlm_interp as vi
 from vlm_interp.zoo import ORGANISM_DIR, RECIPES, card, organism_path
-from vlm_interp.hallucination.metrics import binary_metrics
+from vlm_interp.hallucination.stats import binary_metrics
 from vlm_interp.zoo.shapes import World
 from vlm_interp.zoo.tasks import existence_qa
 from vlm_interp.zoo.train import PromptCache, SceneBank, make_batch, pixel_normaliser, train
@@ -106,7 +106,7 @@ def test_card_reading_of_pope_agrees_with_the_pope_tool(name, tmp_path):
     from vlm_interp.hallucination.pope import load_results, run_pope
     from vlm_interp.zoo.evaluate import EVAL_SEED, choose
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
-    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.pope_set import write_pope
 
     write_pope(World(ORGANISM_WORLD), tmp_path, n_images=8, seed=EVAL_SEED, splits=["adversarial"])
     items = read_pope_folder(tmp_path, ["adversarial"])

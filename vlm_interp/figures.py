@@ -25,9 +25,12 @@ def pyplot():
 
 
 def save_figure(fig, path: "str | Path") -> Path:
-    """Save a matplotlib figure atomically (the format follows the file suffix)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    """Save a matplotlib figure atomically (the format follows the file suffix) and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)
     return Path(path)
 
 
@@ -46,7 +49,4 @@ def save_object_overlay(ex: Example, tower: str, path: "str | Path", group: str 
                                edgecolor="white", facecolor="yellow", linewidth=0.5))
     ax.set_title(title or f"{tower} tokens in group '{group}'", fontsize=8)
     ax.axis("off")
-    try:
-        return save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, Path(path))

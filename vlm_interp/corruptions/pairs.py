@@ -64,7 +64,7 @@ def with_image(vlm, ex: Example, image: Any, region: Any = None, answer: str | N
 
 
 def from_shapes_pair(vlm, pair, question_index: int = 0, region: bool = True) -> tuple[Example, Example]:
-    """Clean and corrupt Examples from a :class:`vlm_interp.zoo.pairs.MinimalPair` and one of its questions.
+    """Clean and corrupt Examples from a :class:`vlm_interp.zoo.scene_pairs.MinimalPair` and one of its questions.
 
     Each Example gets its own answer (``clean_answer`` / ``corrupt_answer``); with
     ``region=True`` both get the ``object`` group of the changed pixels and ``meta["mask"]``.

@@ -2,7 +2,7 @@
 
 from .chair import Vocabulary, chair_metrics, chair_scores
 from .compare import Comparison, compare
-from .metrics import binary_metrics, binary_metrics_with_ci, bootstrap_ci, mcnemar
+from .stats import binary_metrics, binary_metrics_with_ci, bootstrap_ci, mcnemar
 from .pope import PopeItem, pope_table, read_pope, run_pope, run_pope_sharded
 
 __all__ = [

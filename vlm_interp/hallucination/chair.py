@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..files import jsonl_rows
-from .metrics import bootstrap_ci
+from .stats import bootstrap_ci
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 

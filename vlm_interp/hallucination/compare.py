@@ -15,7 +15,7 @@ from ..files import atomic_write
 from ..loading import load
 from ..model import VLM
 from ..figures import pyplot, save_figure
-from .metrics import mcnemar
+from .stats import mcnemar
 from .pope import SPLITS, PopeItem, pope_table, process_rank, read_pope, run_pope_sharded, unanswered
 from .sets import question_folder
 
@@ -74,10 +74,7 @@ def plot_comparison(table: pd.DataFrame, path: Path, metric: str = "accuracy", s
     ax.set_ylabel(f"POPE {metric} ({source})")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def paired_tests(results: dict[str, pd.DataFrame], source_column: str) -> pd.DataFrame:

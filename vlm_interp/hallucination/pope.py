@@ -25,7 +25,7 @@ from ..example import Example
 from ..files import atomic_write, changed_settings, jsonl_rows, jsonl_text
 from ..model import VLM
 from .answers import is_explicit, parse_yes_no
-from .metrics import binary_metrics_with_ci
+from .stats import binary_metrics_with_ci
 
 SPLITS = ("random", "popular", "adversarial")
 DEFAULT_SUFFIX = ""  # peers differ: " Please answer this question with one word." or " Please answer yes or no."

@@ -220,7 +220,4 @@ def plot_head_scores(scores: dict[str, HeadScores], path: "str | Path", kind: st
         im = ax.imshow(grid.values, aspect="auto", cmap="RdBu_r", origin="lower", vmin=-top, vmax=top)
         ax.set(xlabel="head", ylabel="layer", title=f"{name} ({kind})")
         fig.colorbar(im, ax=ax, fraction=0.05)
-    try:
-        return save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, Path(path))

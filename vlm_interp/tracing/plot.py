@@ -54,10 +54,7 @@ def plot_trace(trace: Trace, path: "str | Path", collapse_image: bool = True, no
     a = trace.attrs
     axes[0, 0].set_title(f"{a['question']} -> {a['answer']!r}: {a['metric']} clean {a['clean_score']:.3f}, "
                          f"corrupted {a['corrupt_score']:.3f}", fontsize=8)
-    try:
-        return save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, Path(path))
 
 
 def plot_heads(trace: Trace, path: "str | Path", position: int = 0, normalise: bool = True) -> Path:
@@ -72,10 +69,7 @@ def plot_heads(trace: Trace, path: "str | Path", position: int = 0, normalise: b
         ax.set_ylabel("layer")
         ax.set_title(f"{trace.attrs['tower']}.{comp}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05)
-    try:
-        return save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, Path(path))
 
 
 def plot_image_effects(trace: Trace, example: Example, path: "str | Path", component: str = "hidden",
@@ -101,7 +95,4 @@ def plot_image_effects(trace: Trace, example: Example, path: "str | Path", compo
     fig.colorbar(im, ax=ax, fraction=0.046, label="recovery rate")
     ax.set_title(f"{tower}.{component} layer {layer}: restoring single image tokens", fontsize=8)
     ax.axis("off")
-    try:
-        return save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, Path(path))

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..hallucination.metrics import binary_metrics
+from ..hallucination.stats import binary_metrics
 from ..model import VLM
 from .organisms import ORGANISM_WORLD, Recipe
-from .pope import POPE_SPLITS, pope_questions
+from .pope_set import POPE_SPLITS, pope_questions
 from .shapes import Scene, World
 from .tasks import QA, attribute_qa, caption_qa, relation_qa
 from .train import PromptCache, pixel_normaliser, token_inputs

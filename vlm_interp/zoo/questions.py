@@ -7,7 +7,7 @@ from pathlib import Path
 from ..hallucination.pope import SPLITS
 from .evaluate import EVAL_SEED
 from .organisms import ORGANISM_WORLD
-from .pope import write_pope
+from .pope_set import write_pope
 from .shapes import World
 
 POPE_IMAGES = 400  # the size of the built-in set the organism cards are measured on

@@ -1,4 +1,5 @@
-"""Metrics of hallucination benchmarks, with bootstrap confidence intervals and paired tests."""
+"""Statistics of yes/no answers: the binary metrics of hallucination benchmarks, bootstrap confidence
+intervals and McNemar's paired test."""
 
 from __future__ import annotations
 
