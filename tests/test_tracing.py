@@ -145,6 +145,34 @@ def test_windows_and_noising_direction(image, other_image):
     assert float(noised.data.sel(layer=1, position=0)[0]) == pytest.approx(noised.attrs["corrupt_score"], abs=1e-6)
 
 
+def test_the_grid_plan_lays_cells_out_by_their_coordinates(image, other_image):
+    import vlm_interp as vi
+    from vlm_interp.sites import Site
+    from vlm_interp.tracing import plan_grid
+
+    vlm = vi.load("tiny:blip2")  # Q-Former cross-attention exists on some layers only
+    clean = vlm.prepare(image, QUESTION, answer="yes")
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    plan = plan_grid(vlm, clean, corrupt, ["qformer.xattn_head"], tokens=["image"], window=3, direction="noise")
+    assert (plan.base, plan.source) == (clean, corrupt) and plan.base_score == plan.attrs["clean_score"]
+    have = vlm.adapter.layers_with("qformer", "xattn")
+    n_heads = vlm.adapter.n_heads["qformer"]
+    cells = list(plan.cells())
+    assert len(cells) == len(have) * n_heads and cells[0] == (("xattn_head", have[0], 0), 0)
+    tr = plan.trace(range(len(cells)))  # each cell holds its own index: where did it land?
+    for i, ((comp, layer, head), k) in enumerate(cells):
+        assert float(tr.data.sel(component=comp, layer=layer, head=head, position=k)) == i
+    missing = [l for l in range(vlm.adapter.n_layers["qformer"]) if l not in have]
+    assert missing and np.isnan(tr.data.sel(layer=missing).values).all()
+    # a cell restores its row's window of sites (clipped to the layers that have the component)
+    layer = have[0]
+    cell = plan.cell(("xattn_head", layer, 1), 0)
+    assert cell.sites == tuple(Site("qformer", "xattn_head", l, 1) for l in have if abs(l - layer) <= 1)
+    assert cell.positions == tuple(clean.positions("image", "qformer"))
+    with pytest.raises(ValueError):  # one value per cell, no more and no fewer
+        plan.trace(range(len(cells) - 1))
+
+
 def test_trace_saves_and_loads_losslessly(tmp_path, image, other_image):
     import vlm_interp as vi
 
@@ -176,6 +204,14 @@ def test_bad_trace_requests_are_clear_errors(image, other_image):
         trace(vlm, clean, corrupt, components=["lm.xattn"], progress=False)
     with pytest.raises(Exception, match="cannot encode"):
         trace(vlm, clean, corrupt, answer="zebra", progress=False)
+    # exact tracing checks a request like the gradient estimates do: one grid plan for all of them
+    for window in (0, 1.5, True):
+        with pytest.raises(ValueError, match="window must be a positive integer"):
+            trace(vlm, clean, corrupt, window=window, progress=False)
+    with pytest.raises(SiteError, match="'tower.component' names"):
+        trace(vlm, clean, corrupt, components=[], progress=False)
+    with pytest.raises(SiteError, match="separately"):
+        trace(vlm, clean, corrupt, components=["lm.attn", "lm.head"], progress=False)
 
 
 def test_dataset_trace_skips_wrong_answers_and_resumes(tmp_path, image, other_image):
