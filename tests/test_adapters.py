@@ -253,8 +253,11 @@ def test_patch_projector_maps_each_vision_token_into_the_lm(vlm, image):
         return
     ex = vlm.prepare(image, QUESTION)
     seen = {}
-    handle = vlm.model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.setdefault("embeds", kwargs["inputs_embeds"]), with_kwargs=True)
+
+    def record(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handle = vlm.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
             vlm.model(**ex.inputs)
