@@ -33,8 +33,10 @@ from vlm_interp.zoo.oracle import OracleVision, patch_code
 from vlm_interp.zoo.organisms import build, build_tokenizer, get_recipe
 from vlm_interp.zoo.shapes import World
 from vlm_interp.zoo.tasks import QA, side_qa
-from vlm_interp.zoo.train import (PromptCache, SceneBank, _schedule, answer_loss, make_batch,
-                                  pixel_normaliser, pretrain_vision, sample_qas)
+from vlm_interp.zoo.batches import PromptCache, answer_loss, lr_schedule, make_batch, pixel_normaliser
+from vlm_interp.zoo.scene_bank import SceneBank
+from vlm_interp.zoo.train import sample_qas
+from vlm_interp.zoo.vision_pretraining import pretrain_vision
 
 VALIDATION_SEED = 55_555  # disjoint from the recipe's training seed and from the zoo's evaluation seeds
 
@@ -97,7 +99,7 @@ def main() -> None:
         vision.eval()
         for step in tqdm(range(args.steps), desc=f"side questions, {args.features} features"):
             for group in opt.param_groups:
-                group["lr"] = recipe.lr * _schedule(step, args.steps)
+                group["lr"] = recipe.lr * lr_schedule(step, args.steps)
             idx, qas = sample_qas(world, bank, {"side": 1.0}, rng, recipe.batch)
             if oracle is not None:
                 oracle.code = patch_code(bank, idx, world.config, recipe.width)

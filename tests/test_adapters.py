@@ -233,3 +233,37 @@ def test_unknown_architecture_lists_supported_ones():
     for name in supported():
         assert name in str(err.value)
     assert "how to add" in str(err.value).lower() or "to add a family" in str(err.value).lower()
+
+
+def test_patch_projector_maps_each_vision_token_into_the_lm(vlm, image):
+    """Adapter.patch_projector: LLaVA's layers, in order and with the configured activation between them, turn each
+    selected vision token into the LM's input embedding at its image position (read without the hook engine);
+    the BLIP families have no such projector."""
+    from transformers.activations import ACT2FN
+
+    layers = [vlm.model.get_submodule(p) for p in vlm.adapter.adapter.patch_projector]
+    if vlm.family not in ("llava", "llava_next"):
+        assert layers == []
+        return
+    config = vlm.model.config
+    assert len(layers) == 2
+    assert layers[0].in_features == config.vision_config.hidden_size
+    assert layers[-1].out_features == config.text_config.hidden_size
+    if vlm.family == "llava_next":  # its image tokens are re-ordered into tiles; the widths are what is checked
+        return
+    ex = vlm.prepare(image, QUESTION)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handle = vlm.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            vlm.model(**ex.inputs)
+            tower = vlm.model.model.vision_tower(pixel_values=ex.inputs["pixel_values"], output_hidden_states=True)
+    finally:
+        handle.remove()
+    selected = tower.hidden_states[config.vision_feature_layer][:, 1:]  # "default": CLS dropped
+    manual = layers[1](ACT2FN[config.projector_hidden_act](layers[0](selected)))
+    torch.testing.assert_close(seen["embeds"][0, ex.groups["lm"]["image"]], manual[0])

@@ -9,7 +9,8 @@ import vlm_interp as vi
 from vlm_interp.zoo import RECIPES
 from vlm_interp.zoo.oracle import OracleVision, patch_code
 from vlm_interp.zoo.shapes import World
-from vlm_interp.zoo.train import SceneBank, patch_owners, pixel_normaliser
+from vlm_interp.zoo.batches import pixel_normaliser
+from vlm_interp.zoo.scene_bank import SceneBank, patch_owners
 
 CONFIG = RECIPES["shapes-llava"].world
 
@@ -68,7 +69,7 @@ def test_oracle_hook_feeds_the_code_to_the_projector_and_is_removed(bank):
 
 
 def test_oracle_refuses_other_families():
-    with pytest.raises(ValueError, match="not LLaVA"):
+    with pytest.raises(ValueError, match="names no such projector"):
         OracleVision(vi.load("zoo:shapes-blip"))
 
 

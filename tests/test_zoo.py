@@ -12,7 +12,9 @@ from vlm_interp.zoo import ORGANISM_DIR, RECIPES, card, organism_path
 from vlm_interp.hallucination.stats import binary_metrics
 from vlm_interp.zoo.shapes import World
 from vlm_interp.zoo.tasks import existence_qa
-from vlm_interp.zoo.train import PromptCache, SceneBank, make_batch, pixel_normaliser, train
+from vlm_interp.zoo.batches import PromptCache, make_batch, pixel_normaliser
+from vlm_interp.zoo.scene_bank import SceneBank
+from vlm_interp.zoo.train import train
 
 SHIPPED = sorted(p.name for p in ORGANISM_DIR.glob("*") if (p / "config.json").exists()) if ORGANISM_DIR.exists() else []
 
@@ -90,6 +92,11 @@ def test_shipped_organism_loads_through_the_ordinary_path(name):
     c = card(name)
     assert c["trained"] and c["name"] == name
     assert c["parameters"] == sum(p.numel() for p in vlm.model.parameters())
+    # the architecture the card describes is the checkpoint's: its towers' layers, and the layer holding the code
+    assert c["towers"] == {t: len(vlm.model.get_submodule(vlm.adapter.adapter.towers[t].layers)) for t in c["towers"]}
+    assert set(c["towers"]) == set(vlm.adapter.towers())
+    projector = {"llava": "model.multi_modal_projector.linear_1"}.get(RECIPES[name].family)
+    assert c["code_layer"] == projector
     size = sum(f.stat().st_size for f in organism_path(name).iterdir())
     assert size < 20e6, "organisms must stay small enough to ship in the package"
 
@@ -125,7 +132,8 @@ def test_curriculum_steps_and_vision_relation_targets():
     from dataclasses import replace
 
     from vlm_interp.zoo.tasks import RELATIONS, relation_holds
-    from vlm_interp.zoo.train import curriculum_at, relation_targets, sample_qas
+    from vlm_interp.zoo.scene_bank import relation_targets
+    from vlm_interp.zoo.train import curriculum_at, sample_qas
 
     base = replace(RECIPES["shapes-blip"], curriculum=())  # without a curriculum: warm mix, then task mix
     assert curriculum_at(base, 0) == (base.warm_mix, None)
@@ -189,7 +197,7 @@ def test_vision_pretraining_position_targets(tmp_path):
 
     from vlm_interp.loading import wrap
     from vlm_interp.zoo.organisms import build, build_tokenizer
-    from vlm_interp.zoo.train import pretrain_vision
+    from vlm_interp.zoo.vision_pretraining import pretrain_vision
 
     base = replace(RECIPES["shapes-llava"], vision_output="heads", projector_act="gelu", vision_steps=2,
                    train_scenes=16)
@@ -222,7 +230,8 @@ def _code_recipe_and_model(**changes):
 def test_code_stage_trains_the_code_layer_and_question_answering_leaves_it_alone():
     """vision_output "code": stage 1 moves the tower and the projector's first layer, not its second; question
     answering then moves the second layer and the LM, not the tower or the first layer, and leaves them trainable."""
-    from vlm_interp.zoo.train import pretrain_vision, train_vqa
+    from vlm_interp.zoo.train import train_vqa
+    from vlm_interp.zoo.vision_pretraining import pretrain_vision
 
     recipe, vlm, processor = _code_recipe_and_model()
     world = World(recipe.world)
@@ -267,7 +276,8 @@ def test_code_stage_without_a_projector_trains_the_tower_and_question_answering_
 
     from vlm_interp.loading import wrap
     from vlm_interp.zoo.organisms import build, build_tokenizer
-    from vlm_interp.zoo.train import code_layer, pretrain_vision, train_vqa
+    from vlm_interp.zoo.train import train_vqa
+    from vlm_interp.zoo.vision_pretraining import code_layer, pretrain_vision
 
     recipe = replace(RECIPES[name], vision_output="code", vision_steps=2, vqa_steps=2, train_scenes=16)
     model, processor = build(recipe, build_tokenizer(recipe))
@@ -298,7 +308,7 @@ def test_tower_code_loss_against_a_plain_loop_and_the_code_is_a_layer_norm_outpu
     import math
 
     from vlm_interp.zoo.scene_code import code_slices, code_targets, patch_code
-    from vlm_interp.zoo.train import standardised_code, tower_code_loss
+    from vlm_interp.zoo.vision_pretraining import standardised_code, tower_code_loss
 
     config = RECIPES["shapes-blip"].world
     bank = SceneBank.render(World(config), 3, seed=2, progress=False)
@@ -330,7 +340,7 @@ def test_scene_code_loss_against_a_plain_loop():
     import math
 
     from vlm_interp.zoo.scene_code import code_slices, code_targets
-    from vlm_interp.zoo.train import scene_code_loss
+    from vlm_interp.zoo.vision_pretraining import scene_code_loss
 
     config = RECIPES["shapes-llava"].world
     bank = SceneBank.render(World(config), 3, seed=2, progress=False)
@@ -359,7 +369,7 @@ def test_faint_objects_are_background_in_the_code_targets():
     """code_min_contrast: the patches an object fainter than it covers most are background, and its shape is not
     counted present; every other object keeps its patches and its presence."""
     from vlm_interp.zoo.organisms import PRIOR_TRAINING_WORLD
-    from vlm_interp.zoo.train import faint_patches, visible_presence
+    from vlm_interp.zoo.scene_bank import faint_patches, visible_presence
 
     world = World(PRIOR_TRAINING_WORLD)
     bank = SceneBank.render(world, 60, seed=3, progress=False)
@@ -410,7 +420,7 @@ def test_code_stage_refuses_what_it_cannot_train():
 
     from vlm_interp.loading import wrap
     from vlm_interp.zoo.organisms import build, build_tokenizer
-    from vlm_interp.zoo.train import pretrain_vision
+    from vlm_interp.zoo.vision_pretraining import pretrain_vision
 
     recipe, vlm, processor = _code_recipe_and_model()
     bank = SceneBank.render(World(recipe.world), 4, seed=5, progress=False)

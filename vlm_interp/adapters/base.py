@@ -99,6 +99,10 @@ class Adapter:
     # baselines report patch maps on it); None where no tower's are (LLaVA-NeXT's come from several tiled views)
     patch_map_tower: str | None = None
     vision_root: str = ""  # the vision tower's root module (what training freezes or trains as "the vision tower")
+    # the projector that maps each vision-tower token, one for one, into the LM's width: the paths of its layers in
+    # order (LLaVA's two-layer MLP: linear_1, then its activation, then linear_2). Empty where the LM reads the image
+    # through something else (a Q-Former's queries, cross-attention), so no layer holds a per-patch activation
+    patch_projector: tuple[str, ...] = ()
     # where noise corruptions go: "embeddings" (the image's representation where the answer tower reads it) and
     # "patches" (the vision tower's patch embeddings); "pixels" needs no module
     noise_places: dict[str, NoisePlace] = field(default_factory=dict)
@@ -145,6 +149,7 @@ class BoundAdapter:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
         extra = {"vision_root": self.adapter.vision_root} if self.adapter.vision_root else {}
+        extra.update({f"patch_projector[{i}]": path for i, path in enumerate(self.adapter.patch_projector)})
         extra.update({f"noise_places.{k}": p.module for k, p in self.adapter.noise_places.items()})
         for what, path in extra.items():
             try:

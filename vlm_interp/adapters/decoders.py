@@ -42,6 +42,12 @@ class CausalDecoder:
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
         return inputs
 
+    def teacher_forced(self, model: nn.Module, prompt: list[int],
+                       answer: list[int]) -> tuple[dict[str, list[int]], list[int]]:
+        """Token-id rows that feed ``answer`` for a training loss: here the prompt then the answer in one sequence;
+        and the labels of that sequence (-100 on the prompt: no loss there)."""
+        return {"input_ids": prompt + answer}, [-100] * len(prompt) + answer
+
     def logits(self, model: nn.Module, inputs: dict, logits_module: str | None) -> torch.Tensor:
         return model(**inputs).logits
 
@@ -71,6 +77,13 @@ class BlipDecoder:
     def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
         inputs["decoder_input_ids"] = torch.cat([self._start(model, 1, extra.device), extra], dim=1)
         return inputs
+
+    def teacher_forced(self, model: nn.Module, prompt: list[int],
+                       answer: list[int]) -> tuple[dict[str, list[int]], list[int]]:
+        """The prompt for the question encoder and, for the answer decoder, its start token then ``answer``; the labels
+        are that decoder sequence (a loss compares the logits at each position with the next label)."""
+        answer_row = [model.decoder_start_token_id] + answer
+        return {"input_ids": prompt, "decoder_input_ids": answer_row}, answer_row
 
     def logits(self, model: nn.Module, inputs: dict, logits_module: str | None) -> torch.Tensor:
         if "decoder_input_ids" not in inputs:

@@ -6,6 +6,8 @@ from .base import Adapter, NoisePlace, Tower
 from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, lm_tower
 
 MODEL_CLASSES = ("LlavaForConditionalGeneration",)
+# the projector MLP that maps each CLIP token into the LM: its two linear layers, around its activation
+PATCH_PROJECTOR = ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2")
 
 
 def clip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
@@ -38,6 +40,7 @@ def build(config) -> Adapter:
         lm_image_boxes=lm_image_boxes,
         patch_map_tower="lm",
         vision_root="model.vision_tower",
+        patch_projector=PATCH_PROJECTOR,
         noise_places={
             "embeddings": NoisePlace("model.multi_modal_projector", "output", "lm", "group", "text_config.hidden_size",
                                      "projected image features, scattered in order into the LM's image-token positions"),

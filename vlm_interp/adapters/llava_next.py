@@ -6,7 +6,7 @@ import torch
 
 from .. import compat, geometry
 from .base import Adapter, NoisePlace
-from .llava import clip_vision_tower, lm_image_boxes as base_grid_boxes
+from .llava import PATCH_PROJECTOR, clip_vision_tower, lm_image_boxes as base_grid_boxes
 from .tables import CLIP_PATCHES, lm_tower
 
 MODEL_CLASSES = ("LlavaNextForConditionalGeneration",)
@@ -54,6 +54,7 @@ def build(config) -> Adapter:
         squashed_frame=True,
         lm_image_boxes=lm_image_boxes,
         vision_root="model.vision_tower",
+        patch_projector=PATCH_PROJECTOR,
         noise_places={
             "embeddings": NoisePlace("model.language_model.layers.0", "input", "lm", "position",
                                      "text_config.hidden_size",

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..model import VLM
 from .organisms import ORGANISM_WORLD, Recipe
+from .vision_pretraining import code_layer_path
 
 
 def _weak_sentence(world: dict) -> str:
@@ -32,12 +34,19 @@ def _benchmark_sentence(world: dict) -> str:
             f"world itself, where {_weak_sentence(zoo)}")
 
 
-def card_dict(recipe: Recipe, log: dict, metrics: dict, n_params: int) -> dict:
+def architecture(vlm: VLM) -> dict:
+    """What a card says about the organism's architecture, from its adapter: the layers of each tower, and the layer
+    whose activation a "code" recipe makes the scene code (None: the vision tower's own output is)."""
+    return {"towers": dict(vlm.adapter.n_layers), "code_layer": code_layer_path(vlm)}
+
+
+def card_dict(recipe: Recipe, vlm: VLM, log: dict, metrics: dict) -> dict:
     return {
         "name": recipe.name,
         "trained": True,
-        "family": recipe.family,
-        "parameters": n_params,
+        "family": vlm.family,
+        "parameters": sum(p.numel() for p in vlm.model.parameters()),
+        **architecture(vlm),
         "recipe": recipe.to_dict(),
         "training": log,
         "metrics": metrics,
@@ -50,12 +59,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _stage1(r: dict) -> str:
-    """What stage 1 trained the vision tower for, in words."""
+def _stage1(r: dict, code_layer: str | None) -> str:
+    """What stage 1 trained the vision tower for, in words (``code_layer``: the card's)."""
     if r.get("vision_output", "heads") == "code":
         code = ("per patch a one-hot of the shape and colour of the object covering it (or background), of its row and "
                 "of its column")
-        if r.get("family") == "llava":
+        if code_layer is not None:
             return ("the tower and the projector's first layer together, so that the projector's hidden activation "
                     f"({r.get('projector_act')}) is the scene code: {code}, the other dimensions near 0; plus shape "
                     "presence. Both stay frozen during question answering")
@@ -100,8 +109,9 @@ def card_markdown(card: dict) -> str:
         f"- width {r['width']}, {r['heads']} heads ({r['kv_heads']} key/value heads in the LM), vision layers "
         f"{r['vision_layers']}, LM layers {r['lm_layers']}, LM initial weight std {r.get('lm_init_std', 0.02)}"
         + (f"; Q-Former layers {r['qformer_layers']}, {r['query_tokens']} query tokens, initial weight std "
-           f"{r.get('qformer_init_std', 0.02)}" if r["family"] == "instructblip" else ""),
-        f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, " + _stage1(r),
+           f"{r.get('qformer_init_std', 0.02)}" if "qformer" in card.get("towers", {}) else ""),
+        f"- stage 1, vision pretraining: {r['vision_steps']} steps, batch 64, lr {r['vision_lr']}, "
+        + _stage1(r, card.get("code_layer")),
         f"- vision tower {'frozen' if r.get('freeze_vision') else 'trained'} during question answering",
         f"- stage 2, question answering: {r['vqa_steps']} steps, batch {r['batch']}, AdamW lr {r['lr']} "
         f"(warm-up, cosine to 10%); {_curriculum(r)}; {r['train_scenes']} training scenes, seed {r['seed']}",

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from ..hallucination.stats import binary_metrics
 from ..model import VLM
+from .batches import PromptCache, pixel_normaliser, token_inputs
 from .organisms import ORGANISM_WORLD, Recipe
 from .pope_set import POPE_SPLITS, pope_questions
 from .shapes import Scene, World
 from .tasks import QA, attribute_qa, caption_qa, relation_qa
-from .train import PromptCache, pixel_normaliser, token_inputs
 
 EVAL_SEED = 10_007
 
@@ -40,16 +40,15 @@ def choose(vlm: VLM, cache: PromptCache, normalise, images: torch.Tensor, questi
         qs = questions[start:start + batch]
         pixels = normalise(images[start:start + batch])
         prompts = [cache.prompt(q) for q in qs]
-        rows = [p["input_ids"] for p in prompts]
-        inputs = {**token_inputs(rows, vlm.tokenizer.pad_token_id), "pixel_values": pixels}
-        if vlm.family == "instructblip":
-            inputs.update(token_inputs([p["qformer_input_ids"] for p in prompts], vlm.tokenizer.pad_token_id,
-                                       "qformer_"))
+        inputs = {"pixel_values": pixels}
+        for key in prompts[0]:  # input_ids, and qformer_input_ids where the Q-Former reads the question
+            inputs.update(token_inputs([p[key] for p in prompts], vlm.tokenizer.pad_token_id,
+                                       key.removesuffix("input_ids")))
         logits = vlm.logits(inputs)
-        if vlm.family == "blip":
-            last = logits[:, 0]
-        else:
-            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        # the logits that predict the first answer token: at the prompt's last position, or at the start of a
+        # separate answer decoder (right padding leaves both where they are in each row)
+        answer_at = torch.tensor([vlm.answer_start(cache.example(q)) for q in qs])
+        last = logits[torch.arange(len(qs)), answer_at]
         picks = last[:, ids].argmax(-1).tolist()
         out += [candidates[i] for i in picks]
     return out

@@ -16,16 +16,17 @@ from .scene_code import patch_code
 
 
 class OracleVision:
-    """Context manager: while active, the last layer of a LLaVA vision tower returns ``code`` (set it before
-    every forward) instead of its own output, so the projector and the LM see the scene graph's code.
+    """Context manager: while active, the last layer of the vision tower returns ``code`` (set it before every
+    forward) instead of its own output, so the per-patch projector (LLaVA's) and the LM see the scene graph's code.
 
     The replacement is a hook of the hook engine at ``vision.hidden.<last layer>``: it runs before transformers'
     own hooks on that layer (which record hidden states and must see the code), and a block in which the
     tower never ran is an error."""
 
     def __init__(self, vlm: VLM):
-        if vlm.family != "llava":
-            raise ValueError(f"oracle features replace a LLaVA tower's selected layer; {vlm.family!r} is not LLaVA")
+        if not vlm.adapter.adapter.patch_projector:
+            raise ValueError(f"oracle features replace the vision tower's output where a per-patch projector maps it "
+                             f"into the LM; the {vlm.family} adapter names no such projector (patch_projector)")
         self.vlm = vlm
         self.site = Site("vision", "hidden", vlm.adapter.n_layers["vision"] - 1)
         self.code: torch.Tensor | None = None

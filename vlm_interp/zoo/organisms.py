@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+import transformers as tf
 from transformers import PreTrainedTokenizerFast
 
 from .shapes import World, WorldConfig
@@ -36,7 +38,7 @@ class Recipe:
     """Everything that defines one organism besides its seed."""
 
     name: str
-    family: str  # llava | instructblip | blip
+    family: str  # the adapter family of the organism's transformers class, which ARCHITECTURES builds
     template: str
     world: WorldConfig = ORGANISM_WORLD
     vocab_size: int = 360
@@ -176,11 +178,58 @@ def build_tokenizer(recipe: Recipe) -> PreTrainedTokenizerFast:
     return train_bpe_tokenizer(corpus, vocab_size=recipe.vocab_size)
 
 
+def _llava(recipe: Recipe, tokenizer: PreTrainedTokenizerFast, ids: dict, llama: dict, vision: dict):
+    canvas, patch = recipe.world.canvas, recipe.world.patch_size
+    config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**llama),
+                            image_token_index=ids["<image>"], vision_feature_layer=-1,
+                            vision_feature_select_strategy="default",
+                            projector_hidden_act=recipe.projector_act)
+    model = tf.LlavaForConditionalGeneration(config)
+    images = tf.CLIPImageProcessorPil(size={"shortest_edge": canvas}, crop_size={"height": canvas, "width": canvas})
+    processor = tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+def _instructblip(recipe: Recipe, tokenizer: PreTrainedTokenizerFast, ids: dict, llama: dict, vision: dict):
+    canvas, w = recipe.world.canvas, recipe.width
+    bert = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.qformer_layers,
+                num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
+                cross_attention_frequency=1, pad_token_id=ids["<pad>"], max_position_embeddings=128,
+                initializer_range=recipe.qformer_init_std)
+    config = tf.InstructBlipConfig(vision_config=vision, qformer_config=bert, text_config=llama,
+                                   num_query_tokens=recipe.query_tokens, image_token_index=ids["<image>"])
+    model = tf.InstructBlipForConditionalGeneration(config)
+    images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
+    processor = tf.InstructBlipProcessor(image_processor=images, tokenizer=tokenizer, qformer_tokenizer=tokenizer,
+                                         num_query_tokens=recipe.query_tokens)
+    return model, processor
+
+
+def _blip(recipe: Recipe, tokenizer: PreTrainedTokenizerFast, ids: dict, llama: dict, vision: dict):
+    canvas, w = recipe.world.canvas, recipe.width
+    text = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.lm_layers // 2 + 1,
+                num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
+                max_position_embeddings=128, pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"],
+                sep_token_id=ids["</s>"], eos_token_id=ids["</s>"], label_smoothing=0.0,
+                initializer_range=recipe.lm_init_std)
+    config = tf.BlipConfig(vision_config=vision, text_config=text)
+    model = tf.BlipForQuestionAnswering(config)
+    images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
+    processor = tf.BlipProcessor(image_processor=images, tokenizer=tokenizer)
+    return model, processor
+
+
+# Recipe.family -> the builder of that organism's transformers class and processor, from the recipe, its tokenizer,
+# the ids of its special tokens and the Llama and vision configurations every organism shares.
+ARCHITECTURES = {"llava": _llava, "instructblip": _instructblip, "blip": _blip}
+
+
 def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
     """Untrained ``(model, processor)`` of the recipe's family, sized for the shapes world."""
-    import torch
-    import transformers as tf
-
+    if recipe.family not in ARCHITECTURES:
+        raise ValueError(f"recipe {recipe.name}: unknown family {recipe.family!r}; organisms are built for "
+                         f"{sorted(ARCHITECTURES)}")
     torch.manual_seed(recipe.seed)
     canvas, patch = recipe.world.canvas, recipe.world.patch_size
     w = recipe.width
@@ -191,36 +240,4 @@ def build(recipe: Recipe, tokenizer: PreTrainedTokenizerFast):
                  pad_token_id=ids["<pad>"], tie_word_embeddings=False, initializer_range=recipe.lm_init_std)
     vision = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.vision_layers,
                   num_attention_heads=recipe.heads, image_size=canvas, patch_size=patch, initializer_range=0.02)
-    if recipe.family == "llava":
-        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**llama),
-                                image_token_index=ids["<image>"], vision_feature_layer=-1,
-                                vision_feature_select_strategy="default",
-                                projector_hidden_act=recipe.projector_act)
-        model = tf.LlavaForConditionalGeneration(config)
-        images = tf.CLIPImageProcessorPil(size={"shortest_edge": canvas}, crop_size={"height": canvas, "width": canvas})
-        processor = tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
-                                      vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    elif recipe.family == "instructblip":
-        bert = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.qformer_layers,
-                    num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
-                    cross_attention_frequency=1, pad_token_id=ids["<pad>"], max_position_embeddings=128,
-                    initializer_range=recipe.qformer_init_std)
-        config = tf.InstructBlipConfig(vision_config=vision, qformer_config=bert, text_config=llama,
-                                       num_query_tokens=recipe.query_tokens, image_token_index=ids["<image>"])
-        model = tf.InstructBlipForConditionalGeneration(config)
-        images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
-        processor = tf.InstructBlipProcessor(image_processor=images, tokenizer=tokenizer, qformer_tokenizer=tokenizer,
-                                             num_query_tokens=recipe.query_tokens)
-    elif recipe.family == "blip":
-        text = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=recipe.lm_layers // 2 + 1,
-                    num_attention_heads=recipe.heads, vocab_size=len(tokenizer), encoder_hidden_size=w,
-                    max_position_embeddings=128, pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"],
-                    sep_token_id=ids["</s>"], eos_token_id=ids["</s>"], label_smoothing=0.0,
-                    initializer_range=recipe.lm_init_std)
-        config = tf.BlipConfig(vision_config=vision, text_config=text)
-        model = tf.BlipForQuestionAnswering(config)
-        images = tf.BlipImageProcessorPil(size={"height": canvas, "width": canvas})
-        processor = tf.BlipProcessor(image_processor=images, tokenizer=tokenizer)
-    else:
-        raise ValueError(f"recipe {recipe.name}: unknown family {recipe.family!r}")
-    return model, processor
+    return ARCHITECTURES[recipe.family](recipe, tokenizer, ids, llama, vision)

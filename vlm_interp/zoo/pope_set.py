@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..files import atomic_write, jsonl_rows, jsonl_text
-from .shapes import Cooccurrence, Scene, World, _check_name
+from .shapes import Cooccurrence, Scene, World, check_name
 from .tasks import caption, existence_question
 
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -92,7 +92,7 @@ def pope_questions(world: World, n_images: int, seed: int, split: str, per_image
     popular = most frequent absent shapes of the training distribution; adversarial =
     absent shapes that co-occur most with a present shape (its prior partner first).
     """
-    _check_name(split, POPE_SPLITS, "split")
+    check_name(split, POPE_SPLITS, "split")
     if per_image < 1:
         raise ValueError(f"per_image {per_image} must be >= 1")
     scenes = world.scenes(n_images, seed)
@@ -108,7 +108,7 @@ def write_pope(world: World, folder: str | os.PathLike, n_images: int, seed: int
     objects = sorted canonical shape names, instances, caption) for CHAIR.
     Every file is written atomically. Returns the written paths by name."""
     for s in splits:
-        _check_name(s, POPE_SPLITS, "split")
+        check_name(s, POPE_SPLITS, "split")
     root = Path(folder)
     img_dir = root / "images"
     img_dir.mkdir(parents=True, exist_ok=True)

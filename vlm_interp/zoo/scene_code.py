@@ -6,15 +6,13 @@ vision stage trains the tower and the projector's first layer to compute it from
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .scene_bank import SceneBank
 from .shapes import WorldConfig
-
-if TYPE_CHECKING:
-    from .train import SceneBank
 
 
 def grid_cells(grid: int) -> torch.Tensor:

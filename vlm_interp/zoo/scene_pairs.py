@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .shapes import Scene, SceneObject, World, _as_rng, _check_name
+from .shapes import Scene, SceneObject, World, as_rng, check_name
 from .tasks import (
     CAPTION_PROMPT,
     caption,
@@ -99,10 +99,10 @@ def minimal_pair(world: World, scene: Scene, level: str, rng: np.random.Generato
     differ only inside ``mask``. Raises NoMinimalPairError if the scene cannot support
     the edit.
     """
-    _check_name(level, PAIR_LEVELS, "level")
+    check_name(level, PAIR_LEVELS, "level")
     kind = kind or _PAIR_KINDS[level][0]
-    _check_name(kind, _PAIR_KINDS[level], f"kind for level {level!r}")
-    rng, _ = _as_rng(rng)
+    check_name(kind, _PAIR_KINDS[level], f"kind for level {level!r}")
+    rng, _ = as_rng(rng)
     c = world.config
     objs = list(scene.objects)
     uniq = scene.unique_indices()

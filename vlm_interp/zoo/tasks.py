@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .shapes import Scene, SceneObject, World, _check_name
+from .shapes import Scene, SceneObject, World, check_name
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 TASKS: tuple[str, ...] = ("existence", "attribute", "relation", "caption")
@@ -58,18 +58,18 @@ def color_question(shape: str) -> str:
 
 
 def relation_question(shape: str, relation: str, other: str) -> str:
-    _check_name(relation, RELATIONS, "relation")
+    check_name(relation, RELATIONS, "relation")
     return f"Is the {shape} {relation} the {other}?"
 
 
 def side_question(shape: str, axis: str) -> str:
-    _check_name(axis, tuple(SIDES), "axis")
+    check_name(axis, tuple(SIDES), "axis")
     first, second = SIDES[axis]
     return f"Is the {shape} {'on' if axis == 'x' else 'at'} the {first} or the {second}?"
 
 
 def relation_choice_question(shape: str, axis: str, other: str) -> str:
-    _check_name(axis, tuple(RELATION_SIDES), "axis")
+    check_name(axis, tuple(RELATION_SIDES), "axis")
     first, second = RELATION_SIDES[axis]
     return f"Is the {shape} {first} or {second} {'of ' if axis == 'x' else ''}the {other}?"
 
@@ -91,7 +91,7 @@ def caption(scene: Scene) -> str:
 
 def relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
     """Ground truth of "a <relation> b" from the centres (image y grows downwards)."""
-    _check_name(relation, RELATIONS, "relation")
+    check_name(relation, RELATIONS, "relation")
     return {
         "left of": a.x < b.x,
         "right of": a.x > b.x,
@@ -102,7 +102,7 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
 
 def relation_is_clear(a: SceneObject, b: SceneObject, relation: str, margin: float) -> bool:
     """True if the centres differ by at least ``margin`` along the relation's axis."""
-    _check_name(relation, RELATIONS, "relation")
+    check_name(relation, RELATIONS, "relation")
     d = a.x - b.x if relation in ("left of", "right of") else a.y - b.y
     return abs(d) >= margin
 
@@ -197,7 +197,7 @@ def caption_qa(scene: Scene) -> QA:
 
 def make_qa(world: World, scene: Scene, task: str, rng: np.random.Generator) -> QA | None:
     """One QA of the given task, or None if the scene does not support it."""
-    _check_name(task, TASKS + AUX_TASKS, "task")
+    check_name(task, TASKS + AUX_TASKS, "task")
     if task == "side":
         return side_qa(world, scene, rng)
     if task == "relation_choice":
