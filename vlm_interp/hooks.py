@@ -42,7 +42,10 @@ class Hook:
     (after ``fn``) is recorded once per call in ``captured``, detached and cloned unless
     ``grad=True``. ``channels`` restricts both to a slice of the last dimension (one
     attention head of an output projection's input). ``allow_unused=True`` opts out of the
-    never-fired check. With ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call
+    never-fired check. ``fold=True`` is for modules whose batch axis holds each example's tiles
+    in turn (a tiled vision tower): ``fn`` and captures see ``(examples, tiles x positions, width)``,
+    one sequence per example, tile after tile; the number of examples is the batch size of the
+    model call that runs (see :class:`Hooks`), or 1 when the module is called on its own. With ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call
     and its return value is ignored: it observes, it never edits.
     """
 
@@ -54,6 +57,7 @@ class Hook:
     allow_unused: bool = False
     name: str | None = None
     channels: slice | None = None
+    fold: bool = False
     calls: int = field(default=0, init=False)
     captured: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
 
@@ -79,8 +83,23 @@ class Hook:
             )
         return self.captured[0]
 
-    def _process(self, full: torch.Tensor) -> torch.Tensor:
-        """Run the edit and the capture on one call; returns the tensor that flows on."""
+    def _process(self, full: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Run the edit and the capture on one call; returns the tensor that flows on.
+
+        ``rows``: the examples in the batch of the model call (used by ``fold``); with ``fold`` the
+        tensor that flows on derives from the folded view, so gradients taken at a capture reach it.
+        """
+        if not self.fold:
+            return self._apply(full)
+        rows = rows or 1
+        if full.dim() < 2 or full.shape[0] % rows:
+            raise UnsupportedOutputError(
+                f"hook {self.label} folds each example's tiles into one sequence, but the tensor has shape "
+                f"{tuple(full.shape)}, whose batch axis does not split into {rows} examples"
+            )
+        return self._apply(full.reshape(rows, -1, full.shape[-1])).reshape(full.shape)
+
+    def _apply(self, full: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.channels is not None and full.shape[-1] < (self.channels.stop or 0):
             raise UnsupportedOutputError(
@@ -111,6 +130,14 @@ class Hook:
         if self.capture:
             self.captured.append(tensor if self.grad else tensor.detach().clone())
         return full
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    """The number of examples in a model call: the batch size of its token ids or input embeddings."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0])
+    return None
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
@@ -156,24 +183,24 @@ def replace_primary(value: Any, new: torch.Tensor) -> Any:
     raise UnsupportedOutputError(f"cannot replace the tensor inside {type(value).__name__}")
 
 
-def _output_hook(hook: Hook, where: str) -> Callable:
+def _output_hook(hook: Hook, where: str, rows: Callable[[], int | None]) -> Callable:
     def run(module: nn.Module, args: tuple, output: Any) -> Any:
         tensor = primary_tensor(output, where)
-        new = hook._process(tensor)
+        new = hook._process(tensor, rows())
         return None if new is tensor else replace_primary(output, new)
 
     return run
 
 
-def _input_hook(hook: Hook, where: str) -> Callable:
+def _input_hook(hook: Hook, where: str, rows: Callable[[], int | None]) -> Callable:
     def run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if args:
             tensor = primary_tensor(args[0], where)
-            new = hook._process(tensor)
+            new = hook._process(tensor, rows())
             return None if new is tensor else ((replace_primary(args[0], new), *args[1:]), kwargs)
         if isinstance(kwargs.get("hidden_states"), torch.Tensor):
             tensor = kwargs["hidden_states"]
-            new = hook._process(tensor)
+            new = hook._process(tensor, rows())
             return None if new is tensor else (args, {**kwargs, "hidden_states": new})
         raise UnsupportedOutputError(
             f"{where} was called without positional arguments and without a 'hidden_states' "
@@ -215,27 +242,39 @@ class AttachedHooks(contextlib.AbstractContextManager):
 
     On exit every handle this object created is removed (and only those), also when the
     body raised. If the body finished normally and a hook never fired (and does not allow
-    it), :class:`HookNeverFiredError` lists all such hooks.
+    it), :class:`HookNeverFiredError` lists all such hooks. When a hook folds tiles
+    (``Hook.fold``), the context also observes the calls of ``model`` itself to know how many
+    examples each call holds.
     """
 
     def __init__(self, model: nn.Module, hooks: Iterable[Hook]):
         self.model = model
         self.hooks: list[Hook] = list(hooks)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._rows: int | None = None
+
+    def _observe_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._rows = _batch_rows(args, kwargs)
 
     def __enter__(self) -> "AttachedHooks":
         if self._handles:
             raise RuntimeError("this AttachedHooks context is already active; create a new one")
         modules = [resolve_module(self.model, h.module) for h in self.hooks]  # resolve all before attaching any
+        rows = lambda: self._rows  # noqa: E731
         try:
+            if any(h.fold for h in self.hooks):
+                handle = self.model.register_forward_pre_hook(self._observe_rows, with_kwargs=True)
+                self._handles.append(handle)
+                _OURS.add(handle.id)
+                _ours_first(self.model)
             for hook, module in zip(self.hooks, modules):
                 where = f"module {hook.module!r} ({type(module).__name__})"
                 if hook.kind == "output":
-                    handle = module.register_forward_hook(_output_hook(hook, where))
+                    handle = module.register_forward_hook(_output_hook(hook, where, rows))
                 elif hook.kind == "call":
                     handle = module.register_forward_pre_hook(_call_hook(hook), with_kwargs=True)
                 else:
-                    handle = module.register_forward_pre_hook(_input_hook(hook, where), with_kwargs=True)
+                    handle = module.register_forward_pre_hook(_input_hook(hook, where, rows), with_kwargs=True)
                 self._handles.append(handle)
                 _OURS.add(handle.id)
                 _ours_first(module)

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import geometry
 from .adapters import BoundAdapter, adapter_for
+from .adapters.base import ImageLayout
 from .adapters.decoders import DECODERS
 from .edits import applied
 from .errors import AnswerEncodingError, ImageTokenMismatchError, PromptError
@@ -166,17 +167,30 @@ class VLM:
         """Map positions of ``seq`` (a processed sequence) to character spans of ``prompt``.
 
         The prompt is tokenized with offsets; positions holding ``skip_id`` (image tokens,
-        which the processor expands) are skipped; the rest must match token for token.
+        which the processor expands) are skipped; the rest must match token for token. Where
+        the processor expands the prompt's one image placeholder into a span that also holds
+        other tokens (tile separators, row and column tags), the tokens before and after the
+        placeholder must match the start and the end of ``seq``; the span between is the image's.
         """
         enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
-        plain = [(i, o) for i, o in zip(enc["input_ids"], enc["offset_mapping"]) if i != skip_id]
+        pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
+        plain = [(i, o) for i, o in pairs if i != skip_id]
         positions = [p for p, t in enumerate(seq) if t != skip_id]
-        if [i for i, _ in plain] != [seq[p] for p in positions]:
-            raise PromptError(
-                "could not align the processed input ids with the tokenized prompt; the processor changed "
-                f"the text in an unexpected way (prompt {prompt!r})"
-            )
-        return {p: tuple(o) for p, (_, o) in zip(positions, plain)}
+        if [i for i, _ in plain] == [seq[p] for p in positions]:
+            return {p: tuple(o) for p, (_, o) in zip(positions, plain)}
+        marks = [k for k, (i, _) in enumerate(pairs) if i == skip_id]
+        if skip_id is not None and len(marks) == 1:
+            before, after = pairs[:marks[0]], pairs[marks[0] + 1:]
+            head = [i for i, _ in before] == seq[:len(before)]
+            tail = not after or [i for i, _ in after] == seq[len(seq) - len(after):]
+            if head and tail and len(before) + len(after) < len(seq):
+                spans = {p: tuple(o) for p, (_, o) in enumerate(before)}
+                spans.update({len(seq) - len(after) + k: tuple(o) for k, (_, o) in enumerate(after)})
+                return spans
+        raise PromptError(
+            "could not align the processed input ids with the tokenized prompt; the processor changed "
+            f"the text in an unexpected way (prompt {prompt!r})"
+        )
 
     def _question_positions(self, spans: dict[int, tuple[int, int]], prompt: str, question: str) -> list[int]:
         start = prompt.rfind(question)
@@ -187,10 +201,16 @@ class VLM:
 
     def _fill_groups(self, ex: Example) -> None:
         spec = self.adapter.adapter
-        grid = self._vision_grid()
-        vision_n = grid[0] * grid[1]
-        ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
-        ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
+        layout = self.image_layout(ex)
+        if layout is not None:
+            ex.groups["vision"] = {"image": [p for p, b in enumerate(layout.vision) if b not in (None, "cls")],
+                                   "cls": [p for p, b in enumerate(layout.vision) if b == "cls"]}
+            ex.boxes["vision"] = {p: b for p, b in enumerate(layout.vision) if b not in (None, "cls")}
+        else:
+            grid = self._vision_grid()
+            vision_n = grid[0] * grid[1]
+            ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
+            ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
         if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
             spans = self.text_alignment(self.tokenizer, ex.prompt, ids, None)
@@ -212,7 +232,7 @@ class VLM:
             "last": [len(ids) - 1],
         }
         ex.tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, grid)
+        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, layout.lm if layout else None)
         if "qformer" in self.adapter.n_layers:
             n_query = self.model.config.num_query_tokens
             groups = {"image": list(range(n_query))}
@@ -223,6 +243,13 @@ class VLM:
                 groups["text"] = [n_query + p for p in range(len(qids))]
             ex.groups["qformer"] = groups
 
+    def image_layout(self, ex: Example) -> ImageLayout | None:
+        """Where ``ex``'s tiled image sits in each tower (``Adapter.image_layout``); ``None`` for untiled families."""
+        spec = self.adapter.adapter
+        if spec.image_layout is None or ex.image_hw is None:
+            return None
+        return spec.image_layout(self.model.config, self.processor.image_processor, ex.image_hw, ex.inputs)
+
     def _vision_grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
@@ -232,12 +259,13 @@ class VLM:
         return geometry.frame_cells(self.processor.image_processor, ex.image_hw, grid,
                                     squash=self.adapter.adapter.squashed_frame)
 
-    def _lm_image_boxes(self, ex: Example, image_pos: list[int], grid: tuple[int, int]) -> dict:
+    def _lm_image_boxes(self, ex: Example, image_pos: list[int], boxes: list | None = None) -> dict:
         """Boxes for the LM's image tokens, from the adapter's layout (Q-Former queries have none)."""
         layout = self.adapter.adapter.lm_image_boxes
-        if layout is None:
+        if boxes is None and layout is None:
             return {}
-        boxes = layout(self.model.config, ex.image_hw, self._frame_boxes(ex, grid))
+        if boxes is None:
+            boxes = layout(self.model.config, ex.image_hw, self._frame_boxes(ex, self._vision_grid()))
         if len(boxes) != len(image_pos):
             raise ImageTokenMismatchError(
                 f"{len(image_pos)} image tokens but the {self.family} layout describes {len(boxes)}"

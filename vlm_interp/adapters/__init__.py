@@ -7,8 +7,8 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnknownArchitectureError
-from . import blip, blip2, llava, llava_next
-from .base import Adapter, BoundAdapter, Tower
+from . import blip, blip2, idefics3, llava, llava_next
+from .base import Adapter, BoundAdapter, ImageLayout, Tower
 
 # model class name -> function building that family's adapter from the model config
 REGISTRY: dict[str, Callable[[object], Adapter]] = {
@@ -17,14 +17,17 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
     **{c: blip.build for c in blip.MODEL_CLASSES},
     **{c: blip2.build_blip2 for c in blip2.BLIP2_CLASSES},
     **{c: blip2.build_instructblip for c in blip2.INSTRUCTBLIP_CLASSES},
+    **{c: idefics3.build_idefics3 for c in idefics3.IDEFICS3_CLASSES},
+    **{c: idefics3.build_smolvlm for c in idefics3.SMOLVLM_CLASSES},
 }
 
 HOW_TO_ADD = (
     "To add a family, write vlm_interp/adapters/<family>.py with a build(config) -> Adapter that gives its towers "
     "(layer list path, component table, head-count config key; for the answer LM its tail and the keywords the "
-    "fast path may replay), its decoder kind, default prompt template and image-token facts (placeholder, count, "
-    "the boxes LM image tokens cover), its vision root, per-patch projector layers and noise places, and register "
-    "its model class in vlm_interp/adapters/__init__.py:REGISTRY."
+    "fast path may replay, how its batch holds tiles, scales before the residual add), its decoder kind, default "
+    "prompt template and image-token facts (placeholder, count, the boxes LM image tokens cover, or for tiled images "
+    "an image_layout), its vision root, per-patch projector layers and noise places, and register its model class "
+    "in vlm_interp/adapters/__init__.py:REGISTRY."
 )
 
 
@@ -43,4 +46,4 @@ def adapter_for(model: nn.Module) -> BoundAdapter:
     return BoundAdapter(REGISTRY[name](model.config), model)
 
 
-__all__ = ["Adapter", "BoundAdapter", "Tower", "REGISTRY", "adapter_for", "supported"]
+__all__ = ["Adapter", "BoundAdapter", "ImageLayout", "Tower", "REGISTRY", "adapter_for", "supported"]

@@ -27,7 +27,8 @@ class NoisePlace:
 
     ``index="group"``: dimension 1 of the tensor enumerates the tower's ``image`` group in
     order (projector rows); ``index="position"``: it is the tower's sequence position.
-    ``hidden`` is the config attribute holding the width there.
+    ``hidden`` is the config attribute holding the width there. ``fold``: the module's batch axis
+    holds each example's tiles in turn, seen as one sequence per example (``Hook.fold``).
     """
 
     module: str
@@ -36,6 +37,7 @@ class NoisePlace:
     index: Literal["group", "position"]
     hidden: str
     why: str = ""
+    fold: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,30 @@ class Tower:
     # positions (the key/value cache is found by type, not listed). Any other keyword with a value
     # makes the fast path decline. Families with other position encodings extend it (M-RoPE ids).
     replay: dict[str, Replay] = field(default_factory=dict)
+    # How the tower's batch axis holds one example: "repeat" (one entry per example, or several views whose same
+    # position counts as one position, as LLaVA-NeXT's crops) or "tiles" (each example's tiles in turn, as Idefics3's
+    # and InternVL's vision towers run them): then its sites show an example's tiles as one sequence, tile after tile.
+    batch_layout: Literal["repeat", "tiles"] = "repeat"
+    # Where a component's output is scaled before the residual add and no module outputs the scaled tensor
+    # (InternViT's layer scale, Mllama's tanh gates): component -> (parameter path relative to the layer,
+    # "scale" (multiplied) or "tanh" (multiplied by its tanh)). The component is hooked before that scale, so
+    # restoring it restores the scaled tensor too; the residual stream gains scale x component.
+    residual_scale: dict[str, tuple[str, Literal["scale", "tanh"]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's pieces sit, for families whose processor tiles or reshapes the image.
+
+    ``vision``: one entry per position of the vision tower's sequence (an example's tiles in turn):
+    the box (original-image pixels) its patch covers, ``"cls"`` for a class token, ``None`` for
+    padding. ``lm``: one box (or ``None``) per LM image token, in order. ``pixels``: for each
+    vision position with a box, its patch as (tile, row, column) in the tiles of ``pixel_values``.
+    """
+
+    vision: list
+    lm: list
+    pixels: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,7 +132,18 @@ class Adapter:
     # where noise corruptions go: "embeddings" (the image's representation where the answer tower reads it) and
     # "patches" (the vision tower's patch embeddings); "pixels" needs no module
     noise_places: dict[str, NoisePlace] = field(default_factory=dict)
+    # the layout of a tiled image in every tower, from (config, image processor, image (height, width), processed
+    # inputs); None: the vision tower sees one square grid of patches after a CLS token, and lm_image_boxes gives the LM
+    image_layout: Callable[[Any, Any, tuple[int, int], dict], ImageLayout] | None = None
     notes: str = ""
+
+
+def _has_parameter(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_parameter(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _config_get(config: Any, dotted: str) -> Any:
@@ -148,6 +185,9 @@ class BoundAdapter:
             for component in tower.components:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
+            for component, (param, _) in tower.residual_scale.items():
+                if not any(_has_parameter(layer, param) for layer in layers):
+                    problems.append(f"{name}.residual_scale.{component}: no layer has a parameter {param!r}")
         extra = {"vision_root": self.adapter.vision_root} if self.adapter.vision_root else {}
         extra.update({f"patch_projector[{i}]": path for i, path in enumerate(self.adapter.patch_projector)})
         extra.update({f"noise_places.{k}": p.module for k, p in self.adapter.noise_places.items()})
@@ -281,7 +321,12 @@ class BoundAdapter:
             allow_unused=allow_unused,
             name=site.name,
             channels=channels,
+            fold=self.folds(site.tower),
         )
+
+    def folds(self, tower: str) -> bool:
+        """Whether ``tower``'s hooks fold each example's tiles into one sequence (``Tower.batch_layout``)."""
+        return self._tower(tower).batch_layout == "tiles"
 
     def describe(self) -> str:
         """A short human-readable summary of towers, layers and heads."""
