@@ -23,7 +23,11 @@ VIT = {"attn": ("layer_norm2", "input"), "mlp": ("", "output")}
 BERT = {"attn": ("attention.output.LayerNorm", "input"), "xattn": ("crossattention.output.LayerNorm", "input"),
         "mlp": ("output.LayerNorm", "input")}
 QFORMER = {**BERT, "mlp": ("output_query.LayerNorm", "input")}
+INTERNVIT = {"attn": ("layernorm_after", "input"), "mlp": ("", "output")}
 RESIDUAL_AFTER = {
+    "idefics3": {"vision": VIT, "lm": LLAMA},
+    "smolvlm": {"vision": VIT, "lm": LLAMA},
+    "internvl": {"vision": INTERNVIT, "lm": LLAMA},
     "llava": {"vision": VIT, "lm": LLAMA},
     "llava_next": {"vision": VIT, "lm": LLAMA},
     "blip": {"vision": VIT, "text": BERT, "lm": BERT},
@@ -32,14 +36,32 @@ RESIDUAL_AFTER = {
 }
 # The modules that turn the last LM hidden state into logits.
 FINAL = {
+    "idefics3": lambda m, h: m.lm_head(m.model.text_model.norm(h)),
+    "smolvlm": lambda m, h: m.lm_head(m.model.text_model.norm(h)),
+    "internvl": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
     "llava": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
     "llava_next": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
     "blip2": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "instructblip": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "blip": lambda m, h: m.text_decoder.cls(h),
 }
-VISION_MODULE = {"llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",
+VISION_MODULE = {"idefics3": "model.vision_model", "smolvlm": "model.vision_model", "internvl": "model.vision_tower",
+                 "llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",
                  "blip2": "vision_model", "instructblip": "vision_model"}
+
+
+def folded(vlm, tower: str, t: torch.Tensor) -> torch.Tensor:
+    """A raw tensor of one example as the adapter's sites show it: a tiled tower's tiles as one sequence."""
+    return t.reshape(1, -1, t.shape[-1]) if vlm.adapter.folds(tower) else t
+
+
+def residual_scale(vlm, tower: str, component: str, layer: int) -> torch.Tensor | float:
+    """What the adapter says multiplies ``component`` before the residual add (1 where nothing does)."""
+    spec = vlm.adapter.adapter.towers[tower].residual_scale.get(component)
+    if spec is None:
+        return 1.0
+    param = vlm.model.get_submodule(vlm.adapter.module_path(tower, "hidden", layer)).get_parameter(spec[0]).detach()
+    return param.tanh() if spec[1] == "tanh" else param
 
 
 def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.hooks.RemovableHandle]:
@@ -113,7 +135,7 @@ def test_patching_a_site_moves_the_residual_by_exactly_the_difference(vlm, image
         store, handle = raw_grab(vlm.model, probe_path, kind)
         with vlm.attach([grab_base]):
             run_logits(vlm, clean)
-        residual_base = store.pop()
+        residual_base = folded(vlm, tower, store.pop())
 
         def patch(t, src=grab_src.value, pos=pos):
             t = t.clone()
@@ -123,9 +145,10 @@ def test_patching_a_site_moves_the_residual_by_exactly_the_difference(vlm, image
         with vlm.attach([vlm.hook(site, patch)]):
             run_logits(vlm, clean)
         handle.remove()
-        residual_patched = store.pop()
+        residual_patched = folded(vlm, tower, store.pop())
         expected = residual_base.clone()
-        expected[:, pos] += grab_src.value[:, pos] - grab_base.value[:, pos]
+        scale = residual_scale(vlm, tower, component, layer)
+        expected[:, pos] += scale * (grab_src.value[:, pos] - grab_base.value[:, pos])
         assert not torch.allclose(grab_src.value[:, pos], grab_base.value[:, pos]), "source must differ"
         torch.testing.assert_close(residual_patched, expected, rtol=1e-5, atol=1e-5)
         checked += 1

@@ -32,9 +32,24 @@ def test_groups_partition_the_lm_sequence(vlm, image):
         assert ex.groups["qformer"]["image"] == list(range(vlm.model.config.num_query_tokens))
 
 
+# Tiled families, by hand: the vision positions (tiles in turn) and the LM image tokens (their index among the image
+# tokens) that the box (8, 8, 16, 16) of a 32x32 image covers.
+TILED_OBJECT = {
+    # 2x2 tiles of 16 pixels in 4-pixel patches (16 per tile), then the global tile (the image at half size);
+    # LM tokens: 2x2 per tile (8 pixels each; 4 in the global tile's coordinates)
+    "idefics3": ([10, 11, 14, 15, 64 + 5], [3, 16]),
+    "smolvlm": ([10, 11, 14, 15, 64 + 5], [3, 16]),
+}
+
+
 def test_object_group_on_an_unresized_image(vlm, image):
     """32x32 images are not resized: the box (8, 8, 16, 16) is exactly patch (1, 1) of the 4x4 grid."""
     ex = vlm.prepare(image, QUESTION, region=(8, 8, 16, 16))
+    if vlm.adapter.adapter.image_layout is not None:
+        vision, lm = TILED_OBJECT[vlm.family]
+        assert ex.groups["vision"]["object"] == vision
+        assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][k] for k in lm]
+        return
     assert ex.groups["vision"]["object"] == [1 + 5]  # CLS first
     if vlm.family == "llava":
         assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][5]]
@@ -125,7 +140,7 @@ def test_bad_answers_are_named(vlm, image):
 
 
 def test_prompt_placeholder_rules(vlm, image):
-    if vlm.family in ("llava", "llava_next"):
+    if vlm.adapter.adapter.image_placeholder:
         with pytest.raises(PromptError, match="0 times"):
             vlm.prepare(image, QUESTION, template="USER: {question} ASSISTANT:")
         with pytest.raises(PromptError, match="2 times"):

@@ -22,6 +22,13 @@ CASES = {
               ("qformer", "mlp", "each")],
     "instructblip": [("qformer", "attn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "head", ["image"]),
                      ("lm", "mlp", "each"), ("qformer", "input", ["image"])],
+    # tiled vision towers: positions run over every tile; groups keep the cell count small
+    "idefics3": [("lm", "input", ["image", "question", "last"]), ("lm", "attn", {"tile 0": [5, 8], "last": [42]}),
+                 ("lm", "mlp", ["image", "last"]), ("lm", "head", ["image", "last"]),
+                 ("vision", "hidden", {"all": list(range(80)), "patches": [10, 15, 69]}),
+                 ("vision", "attn", {"tile 0": [10, 15], "global": [69]}), ("vision", "mlp", {"tile 3": [63]}),
+                 ("vision", "head", {"global": [69]}), ("vision", "input", {"tile 1": [16, 17]})],
+    "smolvlm": [("lm", "hidden", ["image", "last"]), ("vision", "mlp", {"tile 0": [10, 15], "global": [69]})],
 }
 
 
@@ -44,17 +51,25 @@ def raw_value(vlm, path: str, kind: str, inputs: dict) -> torch.Tensor:
 
 
 def plain_loop(vlm, clean, corrupt, tower, component, layer, head, positions, answer_id) -> float:
-    """Probability of the answer with one site restored, by a single raw hook and one forward."""
+    """Probability of the answer with one site restored, by a single raw hook and one forward.
+
+    A tiled tower's positions run over the tiles in turn (the adapter's batch layout): the raw
+    (tiles, positions, width) tensor is viewed as one sequence.
+    """
     rel, kind = vlm.adapter.adapter.towers[tower].components[component]
     path = vlm.adapter.module_path(tower, component, layer)
     src = raw_value(vlm, path, kind, clean.inputs)
+    fold = vlm.adapter.adapter.towers[tower].batch_layout == "tiles"
+    if fold:
+        src = src.reshape(1, -1, src.shape[-1])
     width = src.shape[-1] // vlm.adapter.n_heads[tower]
     cols = slice(None) if head is None else slice(head * width, (head + 1) * width)
 
     def patch(t):
-        t = t.clone()
+        shape = t.shape
+        t = t.clone().reshape(1, -1, shape[-1]) if fold else t.clone()
         t[:, positions, cols] = src[:, positions, cols]
-        return t
+        return t.reshape(shape)
 
     module = vlm.model.get_submodule(path)
     if kind == "input":

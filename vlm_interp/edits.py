@@ -36,6 +36,8 @@ class InputEdit:
     the edit expects. With ``exact_length`` the size must match (image-feature tensors);
     otherwise longer inputs are fine (prompt plus answer tokens) and shorter calls after the
     first application pass through unchanged (the single-token steps of cached generation).
+    ``fold``: the module runs each example's tiles along its batch axis; dimension 1 then runs over
+    the tiles in turn (:class:`~vlm_interp.hooks.Hook` ``fold``).
     """
 
     module: str
@@ -45,6 +47,7 @@ class InputEdit:
     length: int
     exact_length: bool = True
     label: str = "noise"
+    fold: bool = False
 
     def hook(self) -> Hook:
         """A fresh :class:`~vlm_interp.hooks.Hook` that adds the noise (state is per hook)."""
@@ -80,7 +83,7 @@ class InputEdit:
             fired[0] = True
             return t
 
-        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}")
+        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}", fold=self.fold)
 
 
 _ACTIVE: set[tuple[int, int]] = set()  # (model, example) pairs whose edits are attached right now

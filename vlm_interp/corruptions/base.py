@@ -124,6 +124,6 @@ def stack(examples: Sequence[Example]) -> Example:
                 raise CorruptionError(f"an example carries {len(mine)} edits at the same place {key[0]!r}")
             parts.append(mine[0].noise if mine else torch.zeros_like(spec.noise))
         edits.append(InputEdit(spec.module, spec.kind, spec.index, torch.cat(parts), spec.length,
-                               spec.exact_length, spec.label))
+                               spec.exact_length, spec.label, spec.fold))
     return first.derive(inputs=_cat_inputs(examples), edits=edits,
                         meta={**first.meta, "stacked": [ex.meta.get("corruption") for ex in examples]})

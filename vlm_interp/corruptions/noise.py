@@ -99,7 +99,7 @@ def place_values(vlm, ex: Example, place: str) -> torch.Tensor:
     if place == "pixels":
         return ex.inputs["pixel_values"].detach().float().flatten()
     p = place_of(vlm, place)
-    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values")
+    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values", fold=p.fold)
     with AttachedHooks(vlm.model, [grab]), torch.no_grad():
         vlm.logits(ex.inputs)
     value = grab.value
@@ -159,12 +159,14 @@ def _noise_tensor(shape: tuple[int, ...], scale: float, seed: int) -> torch.Tens
     return torch.randn(shape, generator=generator, dtype=torch.float32) * scale
 
 
-def _is_tiled(ex: Example) -> bool:
-    return ex.inputs["pixel_values"].dim() == 5  # LLaVA-NeXT: (batch, tiles, channels, height, width)
+def _is_tiled(vlm, ex: Example) -> bool:
+    """Whether the vision tower sees several views whose positions repeat (LLaVA-NeXT's crops: pixel_values
+    (batch, crops, channels, height, width)); towers that run tiles as one sequence (an image layout) do not."""
+    return ex.inputs["pixel_values"].dim() == 5 and vlm.adapter.adapter.image_layout is None
 
 
-def _check_tiled(ex: Example, vision_image: list[int], positions: list[int], place: str) -> None:
-    if _is_tiled(ex) and positions != vision_image:
+def _check_tiled(vlm, ex: Example, vision_image: list[int], positions: list[int], place: str) -> None:
+    if _is_tiled(vlm, ex) and positions != vision_image:
         raise CorruptionError(
             f"noise at {place!r} on LLaVA-NeXT covers all image patches of every tile (tokens='image'); the "
             "vision positions of a sub-group refer to the base view only. For noise on an object use "
@@ -191,11 +193,13 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         vision_image = ex.positions("image", "vision")
         bad = [p for p in positions if p not in set(vision_image)]
         if bad:
-            raise CorruptionError(f"vision positions {bad} are not image patches (position 0 is the CLS token, "
-                                  f"which has no pixels); patches are {vision_image[0]}..{vision_image[-1]}")
-        _check_tiled(ex, vision_image, positions, place)
+            raise CorruptionError(f"vision positions {bad} are not image patches (CLS tokens have no pixels); "
+                                  f"patches are {vision_image[0]}..{vision_image[-1]}")
+        _check_tiled(vlm, ex, vision_image, positions, place)
         pixels = ex.inputs["pixel_values"]
-        mask = _pixel_mask(vlm, pixels, vision_image, positions)
+        layout = vlm.image_layout(ex)
+        mask = _pixel_mask(vlm, pixels, vision_image, positions) if layout is None else \
+            _tile_pixel_mask(vlm, pixels, layout.pixels, positions)
         delta = _noise_tensor(tuple(pixels.shape), amount, seed) * mask
         record.update(tower="vision", positions=positions)
         corrupted = (pixels.float() + delta.to(pixels.device)).to(pixels.dtype)
@@ -205,16 +209,17 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
     image = ex.positions("image", p.tower) if "image" in ex.groups.get(p.tower, {}) else []
     hidden = int(reduce(getattr, p.hidden.split("."), vlm.model.config))
     rows = 1
-    if p.tower == "vision":  # BLIP's vision output or patch embeddings: CLS + patches
-        length = 1 + len(image)
+    if p.tower == "vision":  # BLIP's vision output or patch embeddings: CLS + patches, or tiles in turn
+        layout = vlm.image_layout(ex)
+        length = 1 + len(image) if layout is None else len(layout.vision)
         bad = [q for q in positions if not 0 <= q < length]
         if bad:
             raise CorruptionError(f"vision positions {bad} are out of range; the vision sequence has positions "
-                                  f"0..{length - 1} (0 is CLS)")
+                                  f"0..{length - 1}" + (" (0 is CLS)" if layout is None else " (tiles in turn)"))
         index, exact = positions, True
         if place == "patches":
-            _check_tiled(ex, image, positions, place)
-            rows = ex.inputs["pixel_values"].shape[1] if _is_tiled(ex) else 1
+            _check_tiled(vlm, ex, image, positions, place)
+            rows = ex.inputs["pixel_values"].shape[1] if _is_tiled(vlm, ex) else 1
     else:
         bad = [q for q in positions if q not in set(image)]
         if bad:
@@ -227,7 +232,7 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         else:
             index, length, exact = positions, ex.inputs["input_ids"].shape[1], False
     edit = InputEdit(p.module, p.kind, tuple(index), _noise_tensor((rows, len(index), hidden), amount, seed),
-                     length, exact, label=f"noise ({place}, seed {seed})")
+                     length, exact, label=f"noise ({place}, seed {seed})", fold=p.fold)
     record.update(tower=p.tower, positions=positions, module=p.module)
     return ex.derive(edits=[*ex.edits, edit], meta={**ex.meta, "corruption": record})
 
@@ -245,6 +250,19 @@ def _pixel_mask(vlm, pixels: torch.Tensor, vision_image: list[int], positions: l
         r, c = divmod(vision_image.index(q), cols)
         mask[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 1.0
     return mask
+
+
+def _tile_pixel_mask(vlm, pixels: torch.Tensor, patches: dict[int, tuple[int, int, int]],
+                     positions: list[int]) -> torch.Tensor:
+    """1 on the pixels of the chosen vision positions, each a (tile, row, column) patch of the tiles in
+    ``pixel_values`` (taken in order, whatever their leading axes), 0 elsewhere; shaped like ``pixel_values``."""
+    patch = int(vlm.model.config.vision_config.patch_size)
+    tiles = pixels.reshape(-1, *pixels.shape[-3:])
+    mask = torch.zeros(tiles.shape[0], 1, *tiles.shape[-2:])
+    for q in positions:
+        t, r, c = patches[q]
+        mask[t, :, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 1.0
+    return mask.expand(-1, tiles.shape[1], -1, -1).reshape(pixels.shape)
 
 
 def noise_samples(vlm, ex: Example, n: int, seed: int = 0, **kw) -> list[Example]:

@@ -83,7 +83,8 @@ def _params_require_grad(model: torch.nn.Module) -> Iterator[None]:
 
 def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
     """Base-run activations at ``slots`` and the metric's gradient there (None: the answer ignores it)."""
-    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}")
+    fold = vlm.adapter.folds(plan.tower)  # a tiled tower's tiles as one sequence, as its sites show them
+    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}", fold=fold)
              for slot in slots}
     with torch.enable_grad(), _params_require_grad(vlm.model), applied(vlm, plan.base), vlm.attach(hooks.values()):
         logits = vlm.logits(plan.base.inputs)
@@ -95,7 +96,9 @@ def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tu
 
 def _source_values(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> dict:
     """Source-run activations at ``slots`` (whole tensors, also for head components); one forward."""
-    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}") for slot in slots}
+    fold = vlm.adapter.folds(plan.tower)
+    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}", fold=fold)
+             for slot in slots}
     with torch.no_grad(), applied(vlm, plan.source), vlm.attach(hooks.values()):
         vlm.logits(plan.source.inputs)
     return {s: hooks[s].value for s in slots}
