@@ -23,6 +23,12 @@ CASES = {
     "blip2": [("qformer", "xattn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "attn", "each")],
     "instructblip": [("qformer", "attn", "each"), ("lm", "head", ["image"]), ("lm", "mlp", "each"),
                      ("qformer", "input", ["image"])],
+    # tiled vision towers: positions run over the tiles in turn
+    "idefics3": [("lm", "attn", ["image", "last"]), ("vision", "mlp", {"tile 0": [10, 15], "global": [69]}),
+                 ("vision", "head", {"tile 3": [63]})],
+    "smolvlm": [("lm", "mlp", ["image", "last"]), ("vision", "attn", {"tile 1": [16, 20]})],
+    "internvl": [("lm", "head", ["image", "last"]), ("vision", "mlp", {"cls": [0, 68], "patches": [11, 74]}),
+                 ("vision", "input", {"tile 2": [40]})],
 }
 
 
@@ -56,7 +62,10 @@ def plain_gradient_estimate(vlm, clean, corrupt, tower, component, layer, answer
     act = bad_store[0].detach()
     if grad is None:
         grad = torch.zeros_like(act)
-    return ((clean_store[0] - act) * grad).sum(0)  # (positions, channels), summed over sub-rows (tiles)
+    product = (clean_store[0] - act) * grad
+    if vlm.adapter.folds(tower):  # a tiled tower: its positions run over the tiles in turn
+        return product.reshape(-1, product.shape[-1])
+    return product.sum(0)  # (positions, channels), summed over sub-rows (LLaVA-NeXT's crops)
 
 
 def test_estimate_equals_a_plain_autograd_computation(vlm, image, other_image):

@@ -39,6 +39,8 @@ TILED_OBJECT = {
     # LM tokens: 2x2 per tile (8 pixels each; 4 in the global tile's coordinates)
     "idefics3": ([10, 11, 14, 15, 64 + 5], [3, 16]),
     "smolvlm": ([10, 11, 14, 15, 64 + 5], [3, 16]),
+    # 2x2 tiles then the thumbnail, each a CLS token and 4x4 patches; LM tokens 2x2 per tile
+    "internvl": ([1 + 10, 1 + 11, 1 + 14, 1 + 15, 4 * 17 + 1 + 5], [3, 16]),
 }
 
 

@@ -29,6 +29,12 @@ CASES = {
                  ("vision", "attn", {"tile 0": [10, 15], "global": [69]}), ("vision", "mlp", {"tile 3": [63]}),
                  ("vision", "head", {"global": [69]}), ("vision", "input", {"tile 1": [16, 17]})],
     "smolvlm": [("lm", "hidden", ["image", "last"]), ("vision", "mlp", {"tile 0": [10, 15], "global": [69]})],
+    # 5 tiles of a CLS token and 16 patches
+    "internvl": [("lm", "input", ["image", "question", "last"]), ("lm", "hidden", {"tile 0": [4, 7], "last": [32]}),
+                 ("lm", "attn", ["image", "last"]), ("lm", "mlp", ["last"]), ("lm", "head", ["image", "last"]),
+                 ("vision", "input", {"tile 1": [18, 19]}), ("vision", "hidden", {"cls": [0, 68], "all": list(range(85))}),
+                 ("vision", "attn", {"tile 0": [11, 16], "thumbnail": [74]}), ("vision", "mlp", {"tile 3": [67]}),
+                 ("vision", "head", {"thumbnail": [74]})],
 }
 
 

@@ -10,7 +10,7 @@ need) is read here, by type and by feature rather than by version number where p
   ``cache`` in every decoder layer and base model (the old name is a deprecated alias);
 - a cache's per-layer keys and values are read from ``cache.layers[i].keys/.values`` (the
   layout since 5.0), and a fresh cache for replays is a plain :class:`~transformers.DynamicCache`;
-- LLaVA-NeXT's any-resolution geometry uses two module-level helpers of its modeling file,
+- LLaVA-NeXT's any-resolution geometry (and InternVL's tile grid) use module-level helpers of their files,
   wrapped here under names of ours so that a move or rename breaks one place, with a clear error.
 
 ``TESTED`` is the declared range: the suite runs at both ends in CI. A newer release than the
@@ -141,3 +141,16 @@ def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints, patch_size: i
 def unpad_image(features: torch.Tensor, original_size: torch.Tensor) -> torch.Tensor:
     """LLaVA-NeXT's removal of the padding rows or columns from a (channels, height, width) feature map."""
     return _llava_next_helper("unpad_image")(features, original_size)
+
+
+def tile_canvas(image_hw: tuple[int, int], tile_hw: tuple[int, int], min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """(columns, rows) of tiles the GOT-OCR2 image processor (InternVL's) cuts an image of (height, width) into."""
+    from transformers.models.got_ocr2 import image_processing_pil_got_ocr2 as module
+
+    helper = getattr(module, "get_optimal_tiled_canvas", None)
+    if helper is None:
+        raise CompatibilityError(f"transformers {VERSION} has no got_ocr2.image_processing_pil_got_ocr2."
+                                 f"get_optimal_tiled_canvas; InternVL image geometry needs it "
+                                 f"(tested with {TESTED[0]}..{TESTED[1]})")
+    cols, rows = helper(tuple(image_hw), tuple(tile_hw), min_tiles, max_tiles)
+    return int(cols), int(rows)

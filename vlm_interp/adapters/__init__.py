@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnknownArchitectureError
-from . import blip, blip2, idefics3, llava, llava_next
+from . import blip, blip2, idefics3, internvl, llava, llava_next
 from .base import Adapter, BoundAdapter, ImageLayout, Tower
 
 # model class name -> function building that family's adapter from the model config
@@ -19,6 +19,7 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
     **{c: blip2.build_instructblip for c in blip2.INSTRUCTBLIP_CLASSES},
     **{c: idefics3.build_idefics3 for c in idefics3.IDEFICS3_CLASSES},
     **{c: idefics3.build_smolvlm for c in idefics3.SMOLVLM_CLASSES},
+    **{c: internvl.build for c in internvl.MODEL_CLASSES},
 }
 
 HOW_TO_ADD = (

@@ -35,6 +35,7 @@ def register(*families: str):
 from . import llava  # noqa: E402,I001
 from . import blip  # noqa: E402,I001
 from . import idefics3  # noqa: E402,I001
+from . import internvl  # noqa: E402,I001
 
 FAMILIES = tuple(BUILDERS)
 
