@@ -135,8 +135,8 @@ def check_fast_path_equals_plain_loop(vlm, image, lm_head: str, components=("inp
         for comp in components:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", engine.FastPathWarning)
-                tr = trace(vlm, clean, corrupt, components=[f"lm.{comp}"], tokens=groups, metric="logprob",
-                           progress=False, batch_size=3)
+                tr = trace(vlm, clean, corrupt, components=[f"lm.{comp}"], metric="logprob", progress=False,
+                           tokens=groups if comp != "head" else {"last": groups["last"]}, batch_size=3)
             data = tr.data.sel(component=comp)
             heads = data.coords["head"].values if "head" in data.dims else [None]
             values = []

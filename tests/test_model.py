@@ -146,7 +146,7 @@ def test_prompt_placeholder_rules(vlm, image):
         with pytest.raises(PromptError, match="0 times"):
             vlm.prepare(image, QUESTION, template="USER: {question} ASSISTANT:")
         with pytest.raises(PromptError, match="2 times"):
-            vlm.prepare(image, QUESTION, template="<image> <image> {question}")
+            vlm.prepare(image, QUESTION, template=f"{vlm.image_token} {vlm.image_token} {{question}}")
     else:
         with pytest.raises(PromptError, match="adds the image tokens itself"):
             vlm.prepare(image, QUESTION, template="<image> {question}")

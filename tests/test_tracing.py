@@ -22,19 +22,17 @@ CASES = {
               ("qformer", "mlp", "each")],
     "instructblip": [("qformer", "attn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "head", ["image"]),
                      ("lm", "mlp", "each"), ("qformer", "input", ["image"])],
-    # tiled vision towers: positions run over every tile; groups keep the cell count small
-    "idefics3": [("lm", "input", ["image", "question", "last"]), ("lm", "attn", {"tile 0": [5, 8], "last": [42]}),
-                 ("lm", "mlp", ["image", "last"]), ("lm", "head", ["image", "last"]),
-                 ("vision", "hidden", {"all": list(range(80)), "patches": [10, 15, 69]}),
-                 ("vision", "attn", {"tile 0": [10, 15], "global": [69]}), ("vision", "mlp", {"tile 3": [63]}),
-                 ("vision", "head", {"global": [69]}), ("vision", "input", {"tile 1": [16, 17]})],
-    "smolvlm": [("lm", "hidden", ["image", "last"]), ("vision", "mlp", {"tile 0": [10, 15], "global": [69]})],
+    # tiled vision towers: positions run over every tile (the tiles in turn); few cells, each kind on each tower
+    "idefics3": [("lm", "input", ["image"]), ("lm", "hidden", {"tile 0": [5, 8]}), ("lm", "attn", ["image", "last"]),
+                 ("lm", "mlp", ["last"]), ("lm", "head", ["last"]), ("vision", "input", {"tile 1": [16, 17]}),
+                 ("vision", "hidden", {"patches": [10, 15, 69]}), ("vision", "attn", {"global": [69]}),
+                 ("vision", "mlp", {"tile 3": [63]}), ("vision", "head", {"global": [69]})],
+    "smolvlm": [("lm", "hidden", ["image"]), ("vision", "mlp", {"tile 0": [10, 15], "global": [69]})],
     # 5 tiles of a CLS token and 16 patches
-    "internvl": [("lm", "input", ["image", "question", "last"]), ("lm", "hidden", {"tile 0": [4, 7], "last": [32]}),
-                 ("lm", "attn", ["image", "last"]), ("lm", "mlp", ["last"]), ("lm", "head", ["image", "last"]),
-                 ("vision", "input", {"tile 1": [18, 19]}), ("vision", "hidden", {"cls": [0, 68], "all": list(range(85))}),
-                 ("vision", "attn", {"tile 0": [11, 16], "thumbnail": [74]}), ("vision", "mlp", {"tile 3": [67]}),
-                 ("vision", "head", {"thumbnail": [74]})],
+    "internvl": [("lm", "input", ["image"]), ("lm", "hidden", {"tile 0": [4, 7]}), ("lm", "attn", ["image", "last"]),
+                 ("lm", "mlp", ["last"]), ("lm", "head", ["last"]), ("vision", "input", {"tile 1": [18, 19]}),
+                 ("vision", "hidden", {"cls": [0, 68]}), ("vision", "attn", {"tile 0": [11, 16], "thumbnail": [74]}),
+                 ("vision", "mlp", {"tile 3": [67]}), ("vision", "head", {"thumbnail": [74]})],
 }
 
 
