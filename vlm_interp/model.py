@@ -200,7 +200,6 @@ class VLM:
         return sorted(p for p, (a, b) in spans.items() if b > a and a < end and b > start)
 
     def _fill_groups(self, ex: Example) -> None:
-        spec = self.adapter.adapter
         layout = self.image_layout(ex)
         if layout is not None:
             ex.groups["vision"] = {"image": [p for p, b in enumerate(layout.vision) if b not in (None, "cls")],
