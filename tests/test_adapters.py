@@ -24,7 +24,10 @@ BERT = {"attn": ("attention.output.LayerNorm", "input"), "xattn": ("crossattenti
         "mlp": ("output.LayerNorm", "input")}
 QFORMER = {**BERT, "mlp": ("output_query.LayerNorm", "input")}
 INTERNVIT = {"attn": ("layernorm_after", "input"), "mlp": ("", "output")}
+MLLAMA_VISION = {"attn": ("post_attention_layernorm", "input"), "mlp": ("", "output")}
 RESIDUAL_AFTER = {
+    "mllama": {"vision": MLLAMA_VISION, "vision_global": MLLAMA_VISION,
+               "lm": {**LLAMA, "xattn": ("post_attention_layernorm", "input")}},
     "idefics3": {"vision": VIT, "lm": LLAMA},
     "smolvlm": {"vision": VIT, "lm": LLAMA},
     "internvl": {"vision": INTERNVIT, "lm": LLAMA},
@@ -36,6 +39,7 @@ RESIDUAL_AFTER = {
 }
 # The modules that turn the last LM hidden state into logits.
 FINAL = {
+    "mllama": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
     "idefics3": lambda m, h: m.lm_head(m.model.text_model.norm(h)),
     "smolvlm": lambda m, h: m.lm_head(m.model.text_model.norm(h)),
     "internvl": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
@@ -45,7 +49,7 @@ FINAL = {
     "instructblip": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "blip": lambda m, h: m.text_decoder.cls(h),
 }
-VISION_MODULE = {"idefics3": "model.vision_model", "smolvlm": "model.vision_model", "internvl": "model.vision_tower",
+VISION_MODULE = {"mllama": "model.vision_model", "idefics3": "model.vision_model", "smolvlm": "model.vision_model", "internvl": "model.vision_tower",
                  "llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",
                  "blip2": "vision_model", "instructblip": "vision_model"}
 
@@ -58,9 +62,13 @@ def folded(vlm, tower: str, t: torch.Tensor) -> torch.Tensor:
 def residual_scale(vlm, tower: str, component: str, layer: int) -> torch.Tensor | float:
     """What the adapter says multiplies ``component`` before the residual add (1 where nothing does)."""
     spec = vlm.adapter.adapter.towers[tower].residual_scale.get(component)
-    if spec is None:
+    try:
+        module = vlm.model.get_submodule(vlm.adapter.module_path(tower, "hidden", layer))
+        param = module.get_parameter(spec[0]).detach() if spec else None
+    except AttributeError:  # this layer has no such scale (Mllama's self-attention layers have no gates)
+        param = None
+    if param is None:
         return 1.0
-    param = vlm.model.get_submodule(vlm.adapter.module_path(tower, "hidden", layer)).get_parameter(spec[0]).detach()
     return param.tanh() if spec[1] == "tanh" else param
 
 
@@ -79,7 +87,7 @@ def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.
 
 
 def probe_position(ex: vi.Example, tower: str) -> int:
-    return {"vision": 1, "qformer": 0, "text": ex.groups.get("text", {}).get("last", [0])[0],
+    return {"vision": 1, "vision_global": 1, "qformer": 0, "text": ex.groups.get("text", {}).get("last", [0])[0],
             "lm": ex.groups["lm"]["last"][0]}[tower]
 
 
@@ -96,7 +104,7 @@ def test_adapter_table_matches_config(vlm):
     if vlm.family in ("blip2", "instructblip"):
         freq = cfg.qformer_config.cross_attention_frequency
         assert a.layers_with("qformer", "xattn") == [l for l in range(a.n_layers["qformer"]) if l % freq == 0]
-    assert len(a.sites("lm", "head")) == a.n_layers["lm"] * a.n_heads["lm"]
+    assert len(a.sites("lm", "head")) == len(a.layers_with("lm", "head")) * a.n_heads["lm"]
 
 
 def all_sites(vlm) -> list:
@@ -225,13 +233,14 @@ def test_a_hook_that_never_fires_raises(vlm, image):
     vision = vlm.model.get_submodule(VISION_MODULE[vlm.family])
     pixels = ex.inputs["pixel_values"]
     pixels = pixels[0] if pixels.dim() == 5 else pixels  # LLaVA-NeXT stacks crops per image
+    tiles = {k: ex.inputs[k] for k in ("aspect_ratio_ids", "aspect_ratio_mask") if k in ex.inputs}  # Mllama
     with pytest.raises(HookNeverFiredError, match="lm.hidden.0"):
         with vlm.attach([vlm.hook("vision.hidden.0", capture=True), vlm.hook("lm.hidden.0", capture=True)]):
             with torch.no_grad():
-                vision(pixel_values=pixels)
+                vision(pixel_values=pixels, **tiles)
     with vlm.attach([vlm.hook("lm.hidden.0", capture=True, allow_unused=True)]):
         with torch.no_grad():
-            vision(pixel_values=pixels)
+            vision(pixel_values=pixels, **tiles)
 
 
 def test_unknown_sites_are_clear_errors(vlm):
@@ -240,7 +249,13 @@ def test_unknown_sites_are_clear_errors(vlm):
     with pytest.raises(SiteError, match="head out of range"):
         vlm.hook("lm.head.0.99", capture=True)
     with pytest.raises(SiteError, match="no 'qformer' tower|no component"):
-        vlm.hook("qformer.attn.0" if vlm.family in ("llava", "llava_next", "blip") else "lm.xattn.0", capture=True)
+        vlm.hook("qformer.attn.0" if vlm.family in ("llava", "llava_next", "blip", "mllama") else "lm.xattn.0",
+                 capture=True)
+    if vlm.family == "mllama":  # cross-attention on layer 1 only, self-attention on the others
+        with pytest.raises(SiteError, match="layers that have it: \\[1\\]"):
+            vlm.hook("lm.xattn.0", capture=True)
+        with pytest.raises(SiteError, match="layers that have it: \\[0, 2\\]"):
+            vlm.hook("lm.attn.1", capture=True)
     if vlm.family in ("blip2", "instructblip"):
         with pytest.raises(SiteError, match="layers that have it: \\[0\\]"):
             vlm.hook("qformer.xattn.1", capture=True)

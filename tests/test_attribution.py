@@ -29,6 +29,8 @@ CASES = {
     "smolvlm": [("lm", "mlp", ["image", "last"]), ("vision", "attn", {"tile 1": [16, 20]})],
     "internvl": [("lm", "head", ["image", "last"]), ("vision", "mlp", {"cls": [0, 68], "patches": [11, 74]}),
                  ("vision", "input", {"tile 2": [40]})],
+    "mllama": [("lm", "xattn", ["question", "last"]), ("lm", "xattn_head", ["last"]),
+               ("vision_global", "mlp", {"tile 0": [11, 16]}), ("vision", "attn", {"cls": [0, 24]})],
 }
 
 

@@ -23,8 +23,9 @@ def test_groups_partition_the_lm_sequence(vlm, image):
         assert vlm.tokenizer.decode(words).replace(" ", "") == QUESTION.replace(" ", "")
         return
     ids = ex.inputs["input_ids"][0]
-    assert lm["image"] == [p for p in range(len(ids)) if ids[p] == vlm.image_token_id]
-    assert sorted(lm["image"] + lm["text"]) == list(range(len(ids)))
+    assert lm.get("image", []) == [p for p in range(len(ids)) if ids[p] == vlm.image_token_id]
+    assert ("image" in lm) == vlm.adapter.adapter.image_in_lm
+    assert sorted(lm.get("image", []) + lm["text"]) == list(range(len(ids)))
     assert lm["last"] == [len(ids) - 1]
     question = vlm.tokenizer.decode(ids[lm["question"]])
     assert question.replace(" ", "") == QUESTION.replace(" ", "")
@@ -41,7 +42,11 @@ TILED_OBJECT = {
     "smolvlm": ([10, 11, 14, 15, 64 + 5], [3, 16]),
     # 2x2 tiles then the thumbnail, each a CLS token and 4x4 patches; LM tokens 2x2 per tile
     "internvl": ([1 + 10, 1 + 11, 1 + 14, 1 + 15, 4 * 17 + 1 + 5], [3, 16]),
+    # a 2x2 canvas of 16-pixel tiles, each a CLS token and 4x4 patches (and 7 padding positions in the vision
+    # encoders); no LM image token: the tokens cross-attention reads hold the object
+    "mllama": ([1 + 10, 1 + 11, 1 + 14, 1 + 15], []),
 }
+CROSS_OBJECT = {"mllama": [1 + 10, 1 + 11, 1 + 14, 1 + 15]}
 
 
 def test_object_group_on_an_unresized_image(vlm, image):
@@ -50,7 +55,9 @@ def test_object_group_on_an_unresized_image(vlm, image):
     if vlm.adapter.adapter.image_layout is not None:
         vision, lm = TILED_OBJECT[vlm.family]
         assert ex.groups["vision"]["object"] == vision
-        assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][k] for k in lm]
+        assert ex.groups["lm"].get("object", []) == [ex.groups["lm"]["image"][k] for k in lm]
+        if vlm.family in CROSS_OBJECT:
+            assert ex.groups["cross"]["object"] == CROSS_OBJECT[vlm.family]
         return
     assert ex.groups["vision"]["object"] == [1 + 5]  # CLS first
     if vlm.family == "llava":
@@ -105,6 +112,8 @@ def test_scores_equal_a_plain_token_by_token_loop(vlm, image):
             else:
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], done], 1)
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                for key in vlm.adapter.adapter.text_aligned_inputs:  # Mllama: each new token sees the image too
+                    inputs[key] = torch.cat([inputs[key]] + [inputs[key][:, -1:]] * i, 1)
             logp = torch.log_softmax(_manual_first_logits(vlm, inputs), -1)[token].item()
             if i == 0:
                 assert score.first_logprob == pytest.approx(logp, abs=1e-5)

@@ -154,3 +154,16 @@ def tile_canvas(image_hw: tuple[int, int], tile_hw: tuple[int, int], min_tiles: 
                                  f"(tested with {TESTED[0]}..{TESTED[1]})")
     cols, rows = helper(tuple(image_hw), tuple(tile_hw), min_tiles, max_tiles)
     return int(cols), int(rows)
+
+
+def fit_to_canvas(image_hw: tuple[int, int], canvas_hw: tuple[int, int], tile: int) -> tuple[int, int]:
+    """(height, width) the Mllama image processor resizes an image of (height, width) to inside its tile canvas."""
+    from transformers.models.mllama import image_processing_pil_mllama as module
+
+    helper = getattr(module, "get_image_size_fit_to_canvas", None)
+    if helper is None:
+        raise CompatibilityError(f"transformers {VERSION} has no mllama.image_processing_pil_mllama."
+                                 f"get_image_size_fit_to_canvas; Mllama image geometry needs it "
+                                 f"(tested with {TESTED[0]}..{TESTED[1]})")
+    height, width = helper(int(image_hw[0]), int(image_hw[1]), int(canvas_hw[0]), int(canvas_hw[1]), int(tile))
+    return int(height), int(width)

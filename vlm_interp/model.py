@@ -146,10 +146,11 @@ class VLM:
 
     def _check_image_tokens(self, example: Example) -> None:
         spec = self.adapter.adapter
-        if not spec.image_in_lm:
+        if spec.image_tokens is None:
             return
         ids = example.inputs["input_ids"][0]
-        found = int((ids == self.image_token_id).sum())
+        token = getattr(self.model.config, "image_token_id", None)
+        found = int((ids == token).sum())
         expected = spec.image_tokens(self.model.config, example.inputs)
         if found != expected:
             proc = self.processor
@@ -157,7 +158,7 @@ class VLM:
                                                      "num_query_tokens", "num_additional_image_tokens")
                       if hasattr(proc, k)}
             raise ImageTokenMismatchError(
-                f"the prompt holds {found} image tokens (id {self.image_token_id}) but the model turns this "
+                f"the prompt holds {found} image tokens (id {token}) but the model turns this "
                 f"image into {expected} visual features. The processor and the model config disagree "
                 f"(processor settings: {detail}; image size {example.image_hw}); load both from the same "
                 "checkpoint or fix the processor's settings."
@@ -202,9 +203,10 @@ class VLM:
     def _fill_groups(self, ex: Example) -> None:
         layout = self.image_layout(ex)
         if layout is not None:
-            ex.groups["vision"] = {"image": [p for p, b in enumerate(layout.vision) if b not in (None, "cls")],
-                                   "cls": [p for p, b in enumerate(layout.vision) if b == "cls"]}
-            ex.boxes["vision"] = {p: b for p, b in enumerate(layout.vision) if b not in (None, "cls")}
+            for key, entries in {"vision": layout.vision, **layout.other}.items():
+                ex.groups[key] = {"image": [p for p, b in enumerate(entries) if b not in (None, "cls")],
+                                  "cls": [p for p, b in enumerate(entries) if b == "cls"]}
+                ex.boxes[key] = {p: b for p, b in enumerate(entries) if b not in (None, "cls")}
         else:
             grid = self._vision_grid()
             vision_n = grid[0] * grid[1]
@@ -230,6 +232,8 @@ class VLM:
             "text": [p for p in range(len(ids)) if p not in set(image_pos)],
             "last": [len(ids) - 1],
         }
+        if not self.adapter.adapter.image_in_lm:  # the image reaches the LM otherwise (Mllama's cross-attention)
+            del ex.groups["lm"]["image"]
         ex.tokens = self.tokenizer.convert_ids_to_tokens(ids)
         ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, layout.lm if layout else None)
         if "qformer" in self.adapter.n_layers:
@@ -343,6 +347,10 @@ class VLM:
         """Model inputs that also feed the answer (all but its last token) for whole-answer scoring."""
         inputs = dict(ex.inputs)
         extra = torch.tensor([(answer_ids or [])[:-1]], dtype=torch.long, device=self.device)
+        for key in self.adapter.adapter.text_aligned_inputs:
+            if key in inputs and extra.shape[1]:
+                last = inputs[key][:, -1:]
+                inputs[key] = torch.cat([inputs[key], last.expand(-1, extra.shape[1], *last.shape[2:])], dim=1)
         return self.decoder.with_answer(self.model, inputs, extra)
 
     def answer_start(self, ex: Example) -> int:

@@ -1,6 +1,6 @@
 """Sites: the names of places inside a VLM, such as ``lm.attn.12`` or ``qformer.xattn.3.head.7``.
 
-Grammar (towers: vision, qformer, text, lm)::
+Grammar (towers: vision, vision_global (Mllama's global encoder), qformer, text, lm)::
 
     TOWER.hidden.L | TOWER.attn.L | TOWER.mlp.L | TOWER.xattn.L   whole component at layer L
     TOWER.input.L                                                   the residual stream entering layer L
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import SiteError
 
-TOWERS = ("vision", "qformer", "text", "lm")
+TOWERS = ("vision", "vision_global", "qformer", "text", "lm")
 COMPONENTS = ("input", "hidden", "attn", "mlp", "xattn", "head", "xattn_head")
 HEAD_COMPONENTS = {"head": "attn", "xattn_head": "xattn"}  # head component -> the attention it splits
 

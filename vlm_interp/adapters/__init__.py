@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnknownArchitectureError
-from . import blip, blip2, idefics3, internvl, llava, llava_next
+from . import blip, blip2, idefics3, internvl, llava, llava_next, mllama
 from .base import Adapter, BoundAdapter, ImageLayout, Tower
 
 # model class name -> function building that family's adapter from the model config
@@ -20,6 +20,7 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
     **{c: idefics3.build_idefics3 for c in idefics3.IDEFICS3_CLASSES},
     **{c: idefics3.build_smolvlm for c in idefics3.SMOLVLM_CLASSES},
     **{c: internvl.build for c in internvl.MODEL_CLASSES},
+    **{c: mllama.build for c in mllama.MODEL_CLASSES},
 }
 
 HOW_TO_ADD = (

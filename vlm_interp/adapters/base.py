@@ -97,11 +97,14 @@ class ImageLayout:
     the box (original-image pixels) its patch covers, ``"cls"`` for a class token, ``None`` for
     padding. ``lm``: one box (or ``None``) per LM image token, in order. ``pixels``: for each
     vision position with a box, its patch as (tile, row, column) in the tiles of ``pixel_values``.
+    ``other``: entries like ``vision`` for more towers or token sequences, by name (Mllama: its
+    global vision encoder, and ``cross``, the vision tokens the LM's cross-attention layers read).
     """
 
     vision: list
     lm: list
     pixels: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    other: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ class Adapter:
     # the layout of a tiled image in every tower, from (config, image processor, image (height, width), processed
     # inputs); None: the vision tower sees one square grid of patches after a CLS token, and lm_image_boxes gives the LM
     image_layout: Callable[[Any, Any, tuple[int, int], dict], ImageLayout] | None = None
+    # processed inputs besides input_ids and attention_mask whose dimension 1 runs along the text (Mllama's
+    # cross_attention_mask): answer tokens appended to the prompt repeat their last position, as generation does
+    text_aligned_inputs: tuple[str, ...] = ()
     notes: str = ""
 
 

@@ -209,12 +209,15 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
     image = ex.positions("image", p.tower) if "image" in ex.groups.get(p.tower, {}) else []
     hidden = int(reduce(getattr, p.hidden.split("."), vlm.model.config))
     rows = 1
-    if p.tower == "vision":  # BLIP's vision output or patch embeddings: CLS + patches, or tiles in turn
+    if p.tower != "lm":  # vision positions (BLIP's vision output, patch embeddings, tiles in turn) or the like
         layout = vlm.image_layout(ex)
-        length = 1 + len(image) if layout is None else len(layout.vision)
+        if layout is None:
+            length = 1 + len(image)
+        else:
+            length = len({"vision": layout.vision, **layout.other}[p.tower])
         bad = [q for q in positions if not 0 <= q < length]
         if bad:
-            raise CorruptionError(f"vision positions {bad} are out of range; the vision sequence has positions "
+            raise CorruptionError(f"{p.tower} positions {bad} are out of range; that sequence has positions "
                                   f"0..{length - 1}" + (" (0 is CLS)" if layout is None else " (tiles in turn)"))
         index, exact = positions, True
         if place == "patches":

@@ -36,6 +36,7 @@ from . import llava  # noqa: E402,I001
 from . import blip  # noqa: E402,I001
 from . import idefics3  # noqa: E402,I001
 from . import internvl  # noqa: E402,I001
+from . import mllama  # noqa: E402,I001
 
 FAMILIES = tuple(BUILDERS)
 
