@@ -61,7 +61,8 @@ def check_residual_sums(vlm, image, lm_from: int = 0) -> None:
     a = vlm.adapter
     for tower in a.towers():
         for layer in range(a.n_layers[tower]):
-            adds = [c for c in ("attn", "xattn", "mlp") if c in a.components(tower) and layer in a.layers_with(tower, c)]
+            adds = [c for c in ("attn", "xattn", "mlp")
+                    if c in a.components(tower) and layer in a.layers_with(tower, c)]
             hooks = {c: vlm.hook(f"{tower}.{c}.{layer}", capture=True) for c in ("input", "hidden", *adds)}
             with torch.no_grad(), vlm.hooks(hooks.values()):
                 vlm.logits(ex.inputs)
@@ -164,7 +165,8 @@ def _tokens(vlm, ex, n=6, **kw) -> torch.Tensor:
 
 
 def check_interventions_during_generate(vlm, image, vision_heads: bool = True, heads: dict | None = None) -> None:
-    """Head modulation, IRI and (``vision_heads``) VHR during generate: the same tokens with the key/value cache on and off, and
+    """Head modulation, IRI and (``vision_heads``) VHR during generate: the same tokens with the key/value cache
+    on and off, and
     each changes the logits (so it acted). The example is prepared outside the strict warning filters: at
     transformers 5.13 InternVL's processor hands a tensor to numpy.cumsum, which numpy deprecates."""
     with warnings.catch_warnings():

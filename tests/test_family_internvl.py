@@ -47,7 +47,8 @@ def test_object_group_on_a_wide_image_by_hand(internvl):
     in both axes) and cut into 2 tiles, then the thumbnail (scale 16/48 across, 16/24 down)."""
     image = Image.new("RGB", (48, 24))
     ex = internvl.prepare(image, checks.QUESTION, region=(30, 3, 33, 9))  # pixel centres x 30.5..32.5, y 3.5..8.5
-    # tile 1 (positions 17..33, CLS at 17): x -> 20.3..21.7 is column 1, y -> 2.3..5.7 rows 0, 1 -> 17 + 1 + 1, 17 + 1 + 5
+    # tile 1 (positions 17..33, CLS at 17): x -> 20.3..21.7 is column 1, y -> 2.3..5.7 rows 0, 1
+    # -> 17 + 1 + 1, 17 + 1 + 5
     # thumbnail (CLS at 34): x -> 10.2..10.8 is column 2, y -> 2.3..5.7 rows 0, 1 -> 34 + 1 + 2, 34 + 1 + 6
     assert ex.groups["vision"]["object"] == [19, 23, 37, 41]
     assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][k] for k in (4, 9)]

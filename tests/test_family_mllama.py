@@ -4,8 +4,6 @@ decline, interventions during generate, POPE, and refusals."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch

@@ -45,8 +45,9 @@ class Hook:
     never-fired check. ``fold=True`` is for modules whose batch axis holds each example's tiles
     in turn (a tiled vision tower): ``fn`` and captures see ``(examples, tiles x positions, width)``,
     one sequence per example, tile after tile; the number of examples is the batch size of the
-    model call that runs (see :class:`Hooks`), or 1 when the module is called on its own. With ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call
-    and its return value is ignored: it observes, it never edits.
+    model call that runs (see :class:`Hooks`), or 1 when the module is called on its own. With
+    ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call and its return value is
+    ignored: it observes, it never edits.
     """
 
     module: str
