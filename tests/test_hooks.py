@@ -245,3 +245,46 @@ def test_edit_reaches_the_vision_layer_that_transformers_records(family):
             nested = vlm.logits(ex.inputs)
     assert order == ["outer", "inner"]
     torch.testing.assert_close(nested, edited, rtol=0, atol=0)
+
+
+class _Tiles(torch.nn.Module):
+    """A model whose submodule sees each example's 3 tiles of 2 positions along its batch axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids):
+        rows = input_ids.shape[0]
+        tiles = torch.arange(rows * 3 * 2 * 4, dtype=torch.float).reshape(rows * 3, 2, 4)
+        return self.inner(tiles)
+
+
+def test_fold_shows_each_examples_tiles_as_one_sequence():
+    model = _Tiles()
+    with torch.no_grad():
+        plain = model(torch.zeros(2, 5, dtype=torch.long))
+    grab = Hook("inner", capture=True, fold=True)
+
+    def zero_tile_1_position_1(t):
+        assert t.shape == (2, 6, 4)  # 2 examples, 3 tiles x 2 positions
+        t = t.clone()
+        t[:, 3] = 0.0
+        return t
+
+    edit = Hook("inner", fn=zero_tile_1_position_1, fold=True)
+    with torch.no_grad(), Hooks(model, [edit, grab]):
+        out = model(torch.zeros(2, 5, dtype=torch.long))
+    expected = plain.clone()
+    expected[1::3, 1] = 0.0  # tile 1 of each example, its position 1
+    assert torch.equal(out, expected)
+    assert torch.equal(grab.value, expected.reshape(2, 6, 4))  # the capture sees the edited tensor, folded
+    direct = Hook("inner", capture=True, fold=True)
+    with torch.no_grad(), Hooks(model, [direct]):
+        model.inner(torch.zeros(6, 2, 4))  # called on its own: one example
+    assert direct.value.shape == (1, 12, 4)
+    graded = Hook("inner", capture=True, grad=True, fold=True)
+    with Hooks(model, [graded]):
+        total = model(torch.zeros(1, 5, dtype=torch.long)).sum()
+        (grad,) = torch.autograd.grad(total, [graded.value])
+    assert grad.shape == (1, 6, 4) and torch.equal(grad, torch.ones_like(grad))
