@@ -122,6 +122,12 @@ def attn_implementation(config: Any) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+# ---- layer inputs ---------------------------------------------------------------------
+# The keywords a layer may receive its input under when called without positional arguments: transformers 5.13
+# calls Mllama's vision encoder layers with hidden_state=, later releases with hidden_states=.
+LAYER_INPUT_KEYWORDS = ("hidden_states", "hidden_state")
+
+
 # ---- private helpers of modeling files --------------------------------------------------
 def _llava_next_helper(name: str):
     from transformers.models.llava_next import modeling_llava_next

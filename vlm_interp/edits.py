@@ -24,6 +24,7 @@ from typing import Any, Iterator, Literal
 
 import torch
 
+from . import compat
 from .errors import CorruptionError
 from .hooks import AttachedHooks, Hook
 
@@ -83,7 +84,8 @@ class InputEdit:
             fired[0] = True
             return t
 
-        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}", fold=self.fold)
+        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}", fold=self.fold,
+                    input_keywords=compat.LAYER_INPUT_KEYWORDS)
 
 
 _ACTIVE: set[tuple[int, int]] = set()  # (model, example) pairs whose edits are attached right now

@@ -59,6 +59,8 @@ class Hook:
     name: str | None = None
     channels: slice | None = None
     fold: bool = False
+    # keywords an ``input`` hook reads the module's input under when it is called without positional arguments
+    input_keywords: tuple[str, ...] = ("hidden_states",)
     calls: int = field(default=0, init=False)
     captured: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
 
@@ -199,13 +201,14 @@ def _input_hook(hook: Hook, where: str, rows: Callable[[], int | None]) -> Calla
             tensor = primary_tensor(args[0], where)
             new = hook._process(tensor, rows())
             return None if new is tensor else ((replace_primary(args[0], new), *args[1:]), kwargs)
-        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            tensor = kwargs["hidden_states"]
-            new = hook._process(tensor, rows())
-            return None if new is tensor else (args, {**kwargs, "hidden_states": new})
+        for key in hook.input_keywords:
+            if isinstance(kwargs.get(key), torch.Tensor):
+                tensor = kwargs[key]
+                new = hook._process(tensor, rows())
+                return None if new is tensor else (args, {**kwargs, key: new})
         raise UnsupportedOutputError(
-            f"{where} was called without positional arguments and without a 'hidden_states' "
-            f"keyword (keywords: {sorted(kwargs)}); hook its output or a submodule instead"
+            f"{where} was called without positional arguments and without a keyword among "
+            f"{list(hook.input_keywords)} (keywords: {sorted(kwargs)}); hook its output or a submodule instead"
         )
 
     return run

@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal
 
 from torch import nn
 
+from .. import compat
 from ..errors import AdapterValidationError, ModuleNotFoundInModelError, SiteError
 from ..hooks import EditFn, Hook, HookKind, resolve_module
 from ..sites import HEAD_COMPONENTS, Site, parse_site
@@ -328,6 +329,7 @@ class BoundAdapter:
             name=site.name,
             channels=channels,
             fold=self.folds(site.tower),
+            input_keywords=compat.LAYER_INPUT_KEYWORDS,
         )
 
     def folds(self, tower: str) -> bool:

@@ -34,6 +34,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from .. import compat
 from ..edits import InputEdit
 from ..errors import CorruptionError
 from ..example import Example
@@ -99,7 +100,8 @@ def place_values(vlm, ex: Example, place: str) -> torch.Tensor:
     if place == "pixels":
         return ex.inputs["pixel_values"].detach().float().flatten()
     p = place_of(vlm, place)
-    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values", fold=p.fold)
+    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values", fold=p.fold,
+                input_keywords=compat.LAYER_INPUT_KEYWORDS)
     with AttachedHooks(vlm.model, [grab]), torch.no_grad():
         vlm.logits(ex.inputs)
     value = grab.value

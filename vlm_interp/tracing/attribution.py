@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import compat
 from ..edits import applied
 from ..errors import SiteError
 from ..example import Example
@@ -84,8 +85,8 @@ def _params_require_grad(model: torch.nn.Module) -> Iterator[None]:
 def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
     """Base-run activations at ``slots`` and the metric's gradient there (None: the answer ignores it)."""
     fold = vlm.adapter.folds(plan.tower)  # a tiled tower's tiles as one sequence, as its sites show them
-    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}", fold=fold)
-             for slot in slots}
+    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}", fold=fold,
+                        input_keywords=compat.LAYER_INPUT_KEYWORDS) for slot in slots}
     with torch.enable_grad(), _params_require_grad(vlm.model), applied(vlm, plan.base), vlm.attach(hooks.values()):
         logits = vlm.logits(plan.base.inputs)
         value = plan.metric(logits[:, vlm.answer_start(plan.base)]).sum()
@@ -97,8 +98,8 @@ def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tu
 def _source_values(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> dict:
     """Source-run activations at ``slots`` (whole tensors, also for head components); one forward."""
     fold = vlm.adapter.folds(plan.tower)
-    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}", fold=fold)
-             for slot in slots}
+    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}", fold=fold,
+                        input_keywords=compat.LAYER_INPUT_KEYWORDS) for slot in slots}
     with torch.no_grad(), applied(vlm, plan.source), vlm.attach(hooks.values()):
         vlm.logits(plan.source.inputs)
     return {s: hooks[s].value for s in slots}
