@@ -64,7 +64,7 @@ def check_residual_sums(vlm, image, lm_from: int = 0) -> None:
             adds = [c for c in ("attn", "xattn", "mlp")
                     if c in a.components(tower) and layer in a.layers_with(tower, c)]
             hooks = {c: vlm.hook(f"{tower}.{c}.{layer}", capture=True) for c in ("input", "hidden", *adds)}
-            with torch.no_grad(), vlm.hooks(hooks.values()):
+            with torch.no_grad(), vlm.attach(hooks.values()):
                 vlm.logits(ex.inputs)
             layer_module = vlm.model.get_submodule(a.module_path(tower, "hidden", layer))
             total = hooks["input"].value.clone()

@@ -13,7 +13,7 @@ import vlm_interp as vi
 from vlm_interp import compat
 from vlm_interp.corruptions import applied, noise
 from vlm_interp.errors import ImageTokenMismatchError
-from vlm_interp.hooks import Hook, Hooks
+from vlm_interp.hooks import AttachedHooks, Hook
 from vlm_interp.interventions import InterventionError, vhr
 from vlm_interp.tiny import tiny
 from vlm_interp.tracing import engine, trace
@@ -109,9 +109,9 @@ def test_noise_on_the_tokens_cross_attention_reads(mllama, image):
         bad = noise(mllama, ex, scale=1.0, tokens="object", place=place, seed=0)
         grabs = [Hook(module, kind=kind, capture=True, fold=True, input_keywords=compat.LAYER_INPUT_KEYWORDS)
                  for _ in range(2)]
-        with torch.no_grad(), Hooks(mllama.model, grabs[:1]):
+        with torch.no_grad(), AttachedHooks(mllama.model, grabs[:1]):
             mllama.logits(ex.inputs)
-        with torch.no_grad(), applied(mllama, bad), Hooks(mllama.model, grabs[1:]):
+        with torch.no_grad(), applied(mllama, bad), AttachedHooks(mllama.model, grabs[1:]):
             mllama.logits(bad.inputs)
         changed = (grabs[0].value != grabs[1].value).any(-1)[0].nonzero().flatten().tolist()
         assert changed == ex.groups[group]["object"] == [11, 12, 15, 16]

@@ -273,18 +273,18 @@ def test_fold_shows_each_examples_tiles_as_one_sequence():
         return t
 
     edit = Hook("inner", fn=zero_tile_1_position_1, fold=True)
-    with torch.no_grad(), Hooks(model, [edit, grab]):
+    with torch.no_grad(), AttachedHooks(model, [edit, grab]):
         out = model(torch.zeros(2, 5, dtype=torch.long))
     expected = plain.clone()
     expected[1::3, 1] = 0.0  # tile 1 of each example, its position 1
     assert torch.equal(out, expected)
     assert torch.equal(grab.value, expected.reshape(2, 6, 4))  # the capture sees the edited tensor, folded
     direct = Hook("inner", capture=True, fold=True)
-    with torch.no_grad(), Hooks(model, [direct]):
+    with torch.no_grad(), AttachedHooks(model, [direct]):
         model.inner(torch.zeros(6, 2, 4))  # called on its own: one example
     assert direct.value.shape == (1, 12, 4)
     graded = Hook("inner", capture=True, grad=True, fold=True)
-    with Hooks(model, [graded]):
+    with AttachedHooks(model, [graded]):
         total = model(torch.zeros(1, 5, dtype=torch.long)).sum()
         (grad,) = torch.autograd.grad(total, [graded.value])
     assert grad.shape == (1, 6, 4) and torch.equal(grad, torch.ones_like(grad))
