@@ -194,7 +194,7 @@ def check_pope_on_two_images(family: str, tmp_path: Path) -> pd.DataFrame:
     """POPE on the built-in shapes set of two images, through ``compare`` (answers from text and from logits)."""
     from vlm_interp.hallucination.compare import compare
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
-    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.pope_set import write_pope
     from vlm_interp.zoo.shapes import World
 
     folder = tmp_path / "pope"
