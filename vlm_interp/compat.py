@@ -19,6 +19,7 @@ ceiling gets a warning once; the tracing fast path still guards itself with its 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -87,6 +88,21 @@ def find_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
 def new_cache() -> Any:
     """An empty dynamic key/value cache whose layers are created as they are filled."""
     return transformers.DynamicCache()
+
+
+def full_cache_inputs(model: Any) -> dict[str, Any]:
+    """A fresh cache that keeps every position of every layer, under the keyword ``model``'s forward takes it by.
+
+    A cache the model builds from its config keeps only a sliding window of positions in the
+    local-attention layers (Gemma 2 and 3); a plain :func:`new_cache` keeps them all. The keyword
+    is read from the forward's signature (``cache`` from 5.24, ``past_key_values`` before);
+    ``{}`` when the forward takes none of the known names.
+    """
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return next(({name: new_cache()} for name in CACHE_KEYWORDS if name in names), {})
 
 
 def cache_entries(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +71,10 @@ class VLM:
 
     @property
     def image_token(self) -> str | None:
-        tok = getattr(self.processor, "image_token", None)
+        """The text a prompt marks the image with (the adapter's ``placeholder_attr`` of the processor)."""
+        tok = self.processor
+        for name in self.adapter.adapter.placeholder_attr.split("."):
+            tok = getattr(tok, name, None)
         return getattr(tok, "content", tok)
 
     @property
@@ -131,6 +135,8 @@ class VLM:
         image = image.convert("RGB")
         prompt = self.format_prompt(question, template)
         inputs = dict(self.processor(images=image, text=prompt, return_tensors="pt"))
+        for key in self.adapter.adapter.drop_inputs:
+            inputs.pop(key, None)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         example = Example(inputs=inputs, prompt=prompt, question=question, image=image,
                           image_hw=(image.height, image.width))
@@ -153,7 +159,8 @@ class VLM:
         if found != expected:
             proc = self.processor
             detail = {k: getattr(proc, k) for k in ("patch_size", "vision_feature_select_strategy",
-                                                     "num_query_tokens", "num_additional_image_tokens")
+                                                     "num_query_tokens", "num_additional_image_tokens",
+                                                     "num_image_tokens", "image_seq_length")
                       if hasattr(proc, k)}
             raise ImageTokenMismatchError(
                 f"the prompt holds {found} image tokens (id {self.image_token_id}) but the model turns this "
@@ -171,12 +178,31 @@ class VLM:
         enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
         plain = [(i, o) for i, o in zip(enc["input_ids"], enc["offset_mapping"]) if i != skip_id]
         positions = [p for p, t in enumerate(seq) if t != skip_id]
-        if [i for i, _ in plain] != [seq[p] for p in positions]:
+        if [i for i, _ in plain] == [seq[p] for p in positions]:
+            return {p: tuple(o) for p, (_, o) in zip(positions, plain)}
+        return self._inserted_alignment(prompt, plain, [(p, seq[p]) for p in positions])
+
+    @staticmethod
+    def _inserted_alignment(prompt: str, plain: list, seq: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+        """Align a tokenized prompt with a processed sequence into which the processor inserted tokens.
+
+        Processors that wrap the image (Gemma 3's start and end of image, PaliGemma's BOS after the
+        image) or re-tokenize around it add tokens the prompt does not have. The two id lists are
+        matched by their longest common subsequence; positions of ``seq`` without a partner come from
+        the processor and get no span. Every prompt token that carries text (not only white space, which
+        a processor may re-tokenize together with what it inserts) must find its partner.
+        """
+        matcher = difflib.SequenceMatcher(None, [i for i, _ in plain], [t for _, t in seq], autojunk=False)
+        pairs = [(a + k, b + k) for a, b, n in matcher.get_matching_blocks() for k in range(n)]
+        spans = {seq[b][0]: tuple(plain[a][1]) for a, b in pairs}
+        matched = {a for a, _ in pairs}
+        lost = [prompt[o[0]:o[1]] for k, (_, o) in enumerate(plain) if prompt[o[0]:o[1]].strip() and k not in matched]
+        if lost:
             raise PromptError(
                 "could not align the processed input ids with the tokenized prompt; the processor changed "
-                f"the text in an unexpected way (prompt {prompt!r})"
+                f"the text in an unexpected way (prompt {prompt!r}; prompt text not found: {lost[:5]})"
             )
-        return {p: tuple(o) for p, (_, o) in zip(positions, plain)}
+        return spans
 
     def _question_positions(self, spans: dict[int, tuple[int, int]], prompt: str, question: str) -> list[int]:
         start = prompt.rfind(question)
@@ -188,9 +214,10 @@ class VLM:
     def _fill_groups(self, ex: Example) -> None:
         spec = self.adapter.adapter
         grid = self._vision_grid()
-        vision_n = grid[0] * grid[1]
-        ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
-        ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
+        first = 1 if spec.vision_cls else 0  # patches follow the class token, where the vision tower has one
+        patches = list(range(first, first + grid[0] * grid[1]))
+        ex.groups["vision"] = {"image": patches, **({"cls": [0]} if spec.vision_cls else {})}
+        ex.boxes["vision"] = dict(zip(patches, self._frame_boxes(ex, grid)))
         if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
             spans = self.text_alignment(self.tokenizer, ex.prompt, ids, None)
@@ -301,7 +328,7 @@ class VLM:
         if not answer or not answer.strip():
             raise AnswerEncodingError("the answer is empty; give the text the model should produce")
         tok = self.tokenizer
-        ids = self.decoder.answer_ids(tok, ex.prompt, self.answer_prefix, answer)
+        ids = self.decoder.answer_ids(tok, ex.prompt, self.answer_prefix, answer, self.adapter.adapter.answer_alone)
         if not ids:
             raise AnswerEncodingError(f"answer {answer!r} encodes to no tokens")
         if tok.unk_token_id is not None and tok.unk_token_id in ids:
@@ -316,7 +343,7 @@ class VLM:
         """Model inputs that also feed the answer (all but its last token) for whole-answer scoring."""
         inputs = dict(ex.inputs)
         extra = torch.tensor([(answer_ids or [])[:-1]], dtype=torch.long, device=self.device)
-        return self.decoder.with_answer(self.model, inputs, extra)
+        return self.decoder.with_answer(self.model, inputs, extra, self.adapter.adapter.answer_token_inputs)
 
     def answer_start(self, ex: Example) -> int:
         """Position of the logits that predict the first answer token."""

@@ -15,7 +15,8 @@ Where the noise goes is adapter data (``Adapter.noise_places``), not copied mode
   newline tokens, so it hooks the LM's input itself (the first decoder layer's input), whose
   positions are the LM's. BLIP's LM has no image tokens: the vision model's output, which the
   question encoder cross-attends to, takes their place (positions = the vision group).
-* ``patches``: the vision tower's patch embeddings (positions = the vision group, CLS at 0).
+* ``patches``: the vision tower's patch embeddings (positions = the vision group, CLS at 0 where the
+  tower has one; SigLIP towers have none).
 * ``pixels``: ``pixel_values`` inside the patches of the chosen vision positions.
 
 ``scale`` is absolute (a float) or relative (``"3sd"`` = 3 x the standard deviation of the
@@ -160,13 +161,14 @@ def _noise_tensor(shape: tuple[int, ...], scale: float, seed: int) -> torch.Tens
 
 
 def _is_tiled(ex: Example) -> bool:
-    return ex.inputs["pixel_values"].dim() == 5  # LLaVA-NeXT: (batch, tiles, channels, height, width)
+    return ex.inputs["pixel_values"].dim() == 5  # LLaVA-NeXT, -OneVision: (batch, tiles, channels, height, width)
 
 
 def _check_tiled(ex: Example, vision_image: list[int], positions: list[int], place: str) -> None:
     if _is_tiled(ex) and positions != vision_image:
         raise CorruptionError(
-            f"noise at {place!r} on LLaVA-NeXT covers all image patches of every tile (tokens='image'); the "
+            f"noise at {place!r} on a tiled image (LLaVA-NeXT, LLaVA-OneVision) covers all image patches of every "
+            "tile (tokens='image'); the "
             "vision positions of a sub-group refer to the base view only. For noise on an object use "
             "place='embeddings', where the LM's 'object' group covers the base view and the tiles."
         )
@@ -191,8 +193,9 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         vision_image = ex.positions("image", "vision")
         bad = [p for p in positions if p not in set(vision_image)]
         if bad:
-            raise CorruptionError(f"vision positions {bad} are not image patches (position 0 is the CLS token, "
-                                  f"which has no pixels); patches are {vision_image[0]}..{vision_image[-1]}")
+            cls = " (position 0 is the CLS token, which has no pixels)" if vlm.adapter.adapter.vision_cls else ""
+            raise CorruptionError(f"vision positions {bad} are not image patches{cls}; patches are "
+                                  f"{vision_image[0]}..{vision_image[-1]}")
         _check_tiled(ex, vision_image, positions, place)
         pixels = ex.inputs["pixel_values"]
         mask = _pixel_mask(vlm, pixels, vision_image, positions)
@@ -205,12 +208,13 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
     image = ex.positions("image", p.tower) if "image" in ex.groups.get(p.tower, {}) else []
     hidden = int(reduce(getattr, p.hidden.split("."), vlm.model.config))
     rows = 1
-    if p.tower == "vision":  # BLIP's vision output or patch embeddings: CLS + patches
-        length = 1 + len(image)
+    if p.tower == "vision":  # the vision output or patch embeddings: CLS (where the tower has one) + patches
+        cls = vlm.adapter.adapter.vision_cls
+        length = int(cls) + len(image)
         bad = [q for q in positions if not 0 <= q < length]
         if bad:
             raise CorruptionError(f"vision positions {bad} are out of range; the vision sequence has positions "
-                                  f"0..{length - 1} (0 is CLS)")
+                                  f"0..{length - 1}{' (0 is CLS)' if cls else ''}")
         index, exact = positions, True
         if place == "patches":
             _check_tiled(ex, image, positions, place)
