@@ -23,12 +23,16 @@ VIT = {"attn": ("layer_norm2", "input"), "mlp": ("", "output")}
 BERT = {"attn": ("attention.output.LayerNorm", "input"), "xattn": ("crossattention.output.LayerNorm", "input"),
         "mlp": ("output.LayerNorm", "input")}
 QFORMER = {**BERT, "mlp": ("output_query.LayerNorm", "input")}
+GEMMA = {"attn": ("pre_feedforward_layernorm", "input"), "mlp": ("", "output")}  # Gemma 2/3: normed, then added
 RESIDUAL_AFTER = {
     "llava": {"vision": VIT, "lm": LLAMA},
     "llava_next": {"vision": VIT, "lm": LLAMA},
     "blip": {"vision": VIT, "text": BERT, "lm": BERT},
     "blip2": {"vision": VIT, "qformer": QFORMER, "lm": LLAMA},
     "instructblip": {"vision": VIT, "qformer": QFORMER, "lm": LLAMA},
+    "llava_onevision": {"vision": VIT, "lm": LLAMA},
+    "gemma3": {"vision": VIT, "lm": GEMMA},
+    "paligemma": {"vision": VIT, "lm": GEMMA},
 }
 # The modules that turn the last LM hidden state into logits.
 FINAL = {
@@ -37,9 +41,14 @@ FINAL = {
     "blip2": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "instructblip": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "blip": lambda m, h: m.text_decoder.cls(h),
+    "llava_onevision": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
+    "gemma3": lambda m, h: m.lm_head(m.model.language_model.norm(h)),  # no final-logit soft cap in this class
+    "paligemma": lambda m, h: (lambda z, c: torch.tanh(z / c) * c)(
+        m.lm_head(m.model.language_model.norm(h)), m.config.text_config.final_logit_softcapping),
 }
 VISION_MODULE = {"llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",
-                 "blip2": "vision_model", "instructblip": "vision_model"}
+                 "blip2": "vision_model", "instructblip": "vision_model", "llava_onevision": "model.vision_tower",
+                 "gemma3": "model.vision_tower", "paligemma": "model.vision_tower"}
 
 
 def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.hooks.RemovableHandle]:
@@ -155,6 +164,47 @@ def test_patching_last_lm_hidden_equals_manual_final_layers(vlm, image, other_im
     others = [p for p in range(patched.shape[1]) if p != pos]
     assert torch.equal(patched[:, others], base[:, others])  # causal: nothing else moves
     assert not torch.allclose(patched[:, pos], base[:, pos])
+
+
+def test_residual_in_plus_attn_plus_mlp_is_residual_out(vlm, image):
+    """Where a tower's ``attn`` and ``mlp`` are the tensors added to the residual stream (Tower.residual_sum), a layer's
+    input plus both is its output, at every layer, read with plain torch hooks; BERT-style post-norm towers say not."""
+    ex = vlm.prepare(image, QUESTION)
+    checked = []
+    for tower, spec in vlm.adapter.adapter.towers.items():
+        if not spec.residual_sum:
+            assert "LayerNorm" in "".join(p for p, _ in RESIDUAL_AFTER[vlm.family][tower].values())  # post-norm
+            continue
+        for layer in range(vlm.adapter.n_layers[tower]):
+            grabs = {}
+            handles = []
+            for comp in ("input", "attn", "mlp", "hidden"):
+                rel, kind = spec.components[comp]
+                store, handle = raw_grab(vlm.model, vlm.adapter.module_path(tower, comp, layer), kind)
+                grabs[comp], handles = store, handles + [handle]
+            try:
+                run_logits(vlm, ex)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            x, a, m, out = (grabs[c][0] for c in ("input", "attn", "mlp", "hidden"))
+            torch.testing.assert_close(x + a + m, out, rtol=1e-5, atol=1e-5)
+            assert a.abs().max() > 0 and m.abs().max() > 0
+            checked.append(tower)
+    assert "lm" in checked or vlm.family == "blip"
+
+
+def test_the_tail_reproduces_the_logits(vlm, image):
+    """The adapter's tail (final norm, LM head, soft cap) on the last layer's output gives the model's logits."""
+    if vlm.adapter.adapter.decoder != "causal":
+        return
+    ex = vlm.prepare(image, QUESTION)
+    grab = vlm.hook("lm.hidden.-1", capture=True)
+    with vlm.attach([grab]):
+        logits = run_logits(vlm, ex)
+    with torch.no_grad():
+        tail = vlm.adapter.tail_logits("lm", grab.value)
+    torch.testing.assert_close(tail, logits, rtol=0, atol=1e-6)
 
 
 def test_head_edit_equals_manual_split_of_output_projection_input(vlm, image):

@@ -23,6 +23,9 @@ CASES = {
     "blip2": [("qformer", "xattn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "attn", "each")],
     "instructblip": [("qformer", "attn", "each"), ("lm", "head", ["image"]), ("lm", "mlp", "each"),
                      ("qformer", "input", ["image"])],
+    "llava_onevision": [("lm", "mlp", ["image", "question", "last"]), ("vision", "attn", "each")],
+    "gemma3": [("lm", "attn", "each"), ("lm", "head", ["image", "last"]), ("vision", "mlp", ["image"])],
+    "paligemma": [("lm", "mlp", "each"), ("lm", "head", ["last"]), ("vision", "hidden", ["image"])],
 }
 
 

@@ -34,6 +34,9 @@ def register(*families: str):
 # Family modules register themselves; the order here is the order of FAMILIES.
 from . import llava  # noqa: E402,I001
 from . import blip  # noqa: E402,I001
+from . import llava_onevision  # noqa: E402,I001
+from . import gemma3  # noqa: E402,I001
+from . import paligemma  # noqa: E402,I001
 
 FAMILIES = tuple(BUILDERS)
 
