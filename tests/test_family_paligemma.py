@@ -111,6 +111,20 @@ def test_the_prefix_attends_both_ways_and_the_fast_path_reuses_no_prefix(vlm, im
     np.testing.assert_allclose(tr.data.values, expected, atol=1e-4, rtol=0)
 
 
+def test_a_causal_claim_fails_the_self_check(vlm, image, other_image):
+    """An adapter that called PaliGemma's LM causal: the self-check, restarting inside the image tokens, fails."""
+    import dataclasses
+
+    from vlm_interp.adapters import BoundAdapter
+
+    corrupt = vlm.prepare(other_image, QUESTION, answer="yes")
+    liar = vi.VLM(vlm.model, vlm.processor,
+                  BoundAdapter(dataclasses.replace(vlm.adapter.adapter, attention_blocks=None), vlm.model))
+    state, why = fast.lm_start(liar, corrupt)
+    reason = why if state is None else state.why_no_kv
+    assert "does not reproduce" in reason, reason
+
+
 def test_the_soft_cap_is_what_makes_the_tail_exact(vlm, image):
     """Without the cap the tail's output is not the model's logits: the generic tail test could fail."""
     ex = vlm.prepare(image, QUESTION)
