@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 
 import vlm_interp as vi
@@ -34,6 +36,8 @@ RESIDUAL_AFTER = {
     "gemma3": {"vision": VIT, "lm": GEMMA},
     "paligemma": {"vision": VIT, "lm": GEMMA},
 }
+# PaliGemma applies its text config's final-logit soft cap from transformers 5.23 (its forward before returns raw logits)
+PALIGEMMA_CAPS = Version(transformers.__version__) >= Version("5.23.0")
 # The modules that turn the last LM hidden state into logits.
 FINAL = {
     "llava": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
@@ -43,7 +47,7 @@ FINAL = {
     "blip": lambda m, h: m.text_decoder.cls(h),
     "llava_onevision": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
     "gemma3": lambda m, h: m.lm_head(m.model.language_model.norm(h)),  # no final-logit soft cap in this class
-    "paligemma": lambda m, h: (lambda z, c: torch.tanh(z / c) * c)(
+    "paligemma": lambda m, h: (lambda z, c: torch.tanh(z / c) * c if PALIGEMMA_CAPS else z)(
         m.lm_head(m.model.language_model.norm(h)), m.config.text_config.final_logit_softcapping),
 }
 VISION_MODULE = {"llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",

@@ -138,6 +138,39 @@ def attn_implementation(config: Any) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+# ---- what a model class does, by release ---------------------------------------------------
+# The release from which a class applies its text config's final_logit_softcapping to the logits it returns (before:
+# it returns them uncapped). PaliGemma 2's Gemma 2 configs set a cap of 30; PaliGemma from 5.23.0 applies it.
+FINAL_SOFTCAP_SINCE = {"PaliGemmaForConditionalGeneration": "5.23.0"}
+# The release from which generate(use_cache=False) gives a class's generated tokens the token type of text after the
+# prompt; before it they repeat the prompt's last type (PaliGemma: 0, so each joins the bidirectional prefix, and
+# generation with and without the cache differ).
+UNCACHED_TOKEN_TYPES_SINCE = {"PaliGemmaForConditionalGeneration": "5.18.0"}
+
+
+class KnownIssueWarning(UserWarning):
+    """This transformers release computes something differently from the release vlm-interp is checked against."""
+
+
+def applies_final_softcap(model_class: str) -> bool:
+    """Whether ``model_class`` (a class name) caps its final logits with the text config's final_logit_softcapping
+    in this transformers release; classes not listed apply whatever their adapter states."""
+    since = FINAL_SOFTCAP_SINCE.get(model_class)
+    return since is None or VERSION >= Version(since)
+
+
+def uncached_generation_problem(model: Any) -> str:
+    """Why ``model.generate(use_cache=False)`` is not what the cached generation computes in this release ("" if it
+    is)."""
+    name = type(model).__name__
+    since = UNCACHED_TOKEN_TYPES_SINCE.get(name)
+    if since is None or VERSION >= Version(since):
+        return ""
+    return (f"transformers {VERSION} gives {name}'s generated tokens the prompt's token type when generating without "
+            f"the key/value cache (fixed in {since}): they join the bidirectional prefix, so the tokens differ from "
+            "generation with the cache; generate with the cache or use a newer transformers")
+
+
 # ---- private helpers of modeling files --------------------------------------------------
 def _llava_next_helper(name: str):
     from transformers.models.llava_next import modeling_llava_next

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import geometry
+from . import compat, geometry
 from .adapters import BoundAdapter, adapter_for
 from .adapters.decoders import DECODERS
 from .edits import applied
@@ -387,6 +387,9 @@ class VLM:
     def generate(self, ex: Example, max_new_tokens: int = 20, **kw: Any) -> str:
         """Greedy (by default) generation of the answer text for one example."""
         kw.setdefault("do_sample", False)
+        problem = compat.uncached_generation_problem(self.model) if kw.get("use_cache") is False else ""
+        if problem:
+            warnings.warn(problem, compat.KnownIssueWarning, stacklevel=2)
         with torch.no_grad(), applied(self, ex):
             out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
         out = self.decoder.generated(out, ex.inputs)

@@ -14,14 +14,17 @@ Facts this adapter gives the rest of the package:
   holds one ``<image>`` placeholder at its start, and an answer (the processor's suffix) is
   tokenized on its own after that newline.
 - PaliGemma 2's Gemma 2 layers norm each sublayer's output before the residual add
-  (:data:`~.tables.GEMMA2_LAYER`); PaliGemma 1's Gemma layers have Llama's layout. The model caps
-  its final logits when the text config has ``final_logit_softcapping`` (Gemma 2): the tail does too.
+  (:data:`~.tables.GEMMA2_LAYER`); PaliGemma 1's Gemma layers have Llama's layout. From transformers
+  5.23 the model caps its final logits when the text config has ``final_logit_softcapping`` (Gemma 2),
+  and the tail does too (:func:`vlm_interp.compat.applies_final_softcap`). Before 5.18, generation
+  without the cache gave generated tokens the prefix's type; :meth:`VLM.generate` warns there.
 - Text embeddings are scaled by sqrt(width) inside ``embed_tokens``; the image features are
   scattered in after that, unscaled. Noise on ``embeddings`` goes on the projector's output.
 """
 
 from __future__ import annotations
 
+from .. import compat
 from .base import Adapter, Blocks, NoisePlace
 from .tables import SIGLIP_PATCHES, lm_tower, siglip_vision_tower
 
@@ -55,7 +58,8 @@ def build(config) -> Adapter:
         model_classes=MODEL_CLASSES,
         towers={"vision": siglip_vision_tower(),
                 "lm": lm_tower(config, "model.language_model", "lm_head",
-                               softcap="text_config.final_logit_softcapping")},
+                               softcap="text_config.final_logit_softcapping" if compat.applies_final_softcap(
+                                   MODEL_CLASSES[0]) else None)},
         decoder="causal",
         default_template="<image>answer en {question}",
         image_in_lm=True,
