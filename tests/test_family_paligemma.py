@@ -102,8 +102,8 @@ def test_the_prefix_attends_both_ways_and_the_fast_path_reuses_no_prefix(vlm, im
     assert state.inputs[0].kwargs["position_ids"][0, :3].tolist() == [1, 2, 3]  # positions start at 1
     assert state.softcap == (SOFTCAP if compat.applies_final_softcap("PaliGemmaForConditionalGeneration") else None)
     answer_id = vlm.encode_answer(clean, "yes")[0]
-    positions = [[p] for p in range(N_IMAGE - 2, n)]
-    components = ("input", "hidden", "attn", "mlp")
+    positions = [[p] for p in (0, N_IMAGE - 1, N_IMAGE, N_IMAGE + 4, n - 1)]
+    components = ("input", "attn", "mlp")
     expected = np.array([plain_grid(vlm, clean, corrupt, c, positions, answer_id) for c in components])
     assert float(np.std(expected)) > 1e-3
     with pytest.warns(engine.FastPathWarning, match="prefix LM"):
@@ -178,8 +178,8 @@ def test_pope_on_two_images_and_compare_across_families(tmp_path):
     from vlm_interp.hallucination.compare import compare
 
     models = [f"tiny:{f}" for f in ("llava_onevision", "gemma3", "paligemma")]
-    result = compare(models, out=tmp_path, n_images=2, splits=["random", "adversarial"], n_boot=20,
-                     max_new_tokens=3, progress=False)
+    result = compare(models, out=tmp_path, n_images=2, splits=["random"], n_boot=20, max_new_tokens=2,
+                     progress=False)
     assert set(result.table["system"]) == set(models)
-    assert len(result.table) == len(models) * 2 * 2  # systems x splits x answer sources
+    assert len(result.table) == len(models) * 2  # systems x answer sources
     assert ((result.table["accuracy"] >= 0) & (result.table["accuracy"] <= 1)).all()
