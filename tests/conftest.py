@@ -44,6 +44,11 @@ STRICT_TRANSFORMERS = [
 ]
 
 
+# Deprecations transformers logs from its own code, which no call of ours causes or can avoid: at 5.13
+# Gemma3Processor.__call__ reads its own deprecated image_token property (vlm-interp reads tokenizer.boi_token).
+TRANSFORMERS_OWN_DEPRECATIONS = ("`processor.image_token` will switch from returning",)
+
+
 @pytest.fixture
 def no_transformers_deprecations():
     """Fail when transformers logs a deprecation (it logs some, such as renamed keywords, instead of warning)."""
@@ -65,5 +70,6 @@ def no_transformers_deprecations():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    deprecated = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    deprecated = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()
+                  and not any(known in r.getMessage() for known in TRANSFORMERS_OWN_DEPRECATIONS)]
     assert not deprecated, f"transformers logged deprecations: {deprecated}"

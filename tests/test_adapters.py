@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 
 import vlm_interp as vi
@@ -25,6 +27,7 @@ BERT = {"attn": ("attention.output.LayerNorm", "input"), "xattn": ("crossattenti
 QFORMER = {**BERT, "mlp": ("output_query.LayerNorm", "input")}
 INTERNVIT = {"attn": ("layernorm_after", "input"), "mlp": ("", "output")}
 MLLAMA_VISION = {"attn": ("post_attention_layernorm", "input"), "mlp": ("", "output")}
+GEMMA = {"attn": ("pre_feedforward_layernorm", "input"), "mlp": ("", "output")}  # Gemma 2/3: normed, then added
 RESIDUAL_AFTER = {
     "mllama": {"vision": MLLAMA_VISION, "vision_global": MLLAMA_VISION,
                "lm": {**LLAMA, "xattn": ("post_attention_layernorm", "input")}},
@@ -36,7 +39,12 @@ RESIDUAL_AFTER = {
     "blip": {"vision": VIT, "text": BERT, "lm": BERT},
     "blip2": {"vision": VIT, "qformer": QFORMER, "lm": LLAMA},
     "instructblip": {"vision": VIT, "qformer": QFORMER, "lm": LLAMA},
+    "llava_onevision": {"vision": VIT, "lm": LLAMA},
+    "gemma3": {"vision": VIT, "lm": GEMMA},
+    "paligemma": {"vision": VIT, "lm": GEMMA},
 }
+# PaliGemma applies its text config's final-logit soft cap from transformers 5.23 (its forward before returns raw logits)
+PALIGEMMA_CAPS = Version(transformers.__version__) >= Version("5.23.0")
 # The modules that turn the last LM hidden state into logits.
 FINAL = {
     "mllama": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
@@ -48,10 +56,15 @@ FINAL = {
     "blip2": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "instructblip": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "blip": lambda m, h: m.text_decoder.cls(h),
+    "llava_onevision": lambda m, h: m.lm_head(m.model.language_model.norm(h)),
+    "gemma3": lambda m, h: m.lm_head(m.model.language_model.norm(h)),  # no final-logit soft cap in this class
+    "paligemma": lambda m, h: (lambda z, c: torch.tanh(z / c) * c if PALIGEMMA_CAPS else z)(
+        m.lm_head(m.model.language_model.norm(h)), m.config.text_config.final_logit_softcapping),
 }
-VISION_MODULE = {"mllama": "model.vision_model", "idefics3": "model.vision_model", "smolvlm": "model.vision_model", "internvl": "model.vision_tower",
-                 "llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",
-                 "blip2": "vision_model", "instructblip": "vision_model"}
+VISION_MODULE = {"mllama": "model.vision_model", "idefics3": "model.vision_model", "smolvlm": "model.vision_model",
+                 "internvl": "model.vision_tower", "llava": "model.vision_tower", "llava_next": "model.vision_tower",
+                 "blip": "vision_model", "blip2": "vision_model", "instructblip": "vision_model",
+                 "llava_onevision": "model.vision_tower", "gemma3": "model.vision_tower", "paligemma": "model.vision_tower"}
 
 
 def folded(vlm, tower: str, t: torch.Tensor) -> torch.Tensor:
@@ -186,6 +199,52 @@ def test_patching_last_lm_hidden_equals_manual_final_layers(vlm, image, other_im
     others = [p for p in range(patched.shape[1]) if p != pos]
     assert torch.equal(patched[:, others], base[:, others])  # causal: nothing else moves
     assert not torch.allclose(patched[:, pos], base[:, pos])
+
+
+def test_residual_in_plus_attn_plus_mlp_is_residual_out(vlm, image):
+    """Where a tower's ``attn`` and ``mlp`` are the tensors added to the residual stream (Tower.residual_sum), a layer's
+    input plus both (times the scales Tower.residual_scale names) is its output, at every layer, read with plain torch hooks; BERT-style post-norm towers say not."""
+    ex = vlm.prepare(image, QUESTION)
+    checked = []
+    for tower, spec in vlm.adapter.adapter.towers.items():
+        if not spec.residual_sum:
+            if (vlm.family, tower) == ("mllama", "lm"):  # its cross-attention layers mask the MLP output of some rows
+                continue
+            assert "LayerNorm" in "".join(p for p, _ in RESIDUAL_AFTER[vlm.family][tower].values())  # post-norm
+            continue
+        attn_layers = set(vlm.adapter.layers_with(tower, "attn"))
+        for layer in range(vlm.adapter.n_layers[tower]):
+            grabs = {}
+            handles = []
+            attn = "attn" if layer in attn_layers else "xattn"  # Mllama's cross-attention layers have no self-attention
+            for comp in ("input", attn, "mlp", "hidden"):
+                rel, kind = spec.components[comp]
+                store, handle = raw_grab(vlm.model, vlm.adapter.module_path(tower, comp, layer), kind)
+                grabs[comp], handles = store, handles + [handle]
+            try:
+                run_logits(vlm, ex)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            x, a, m, out = (folded(vlm, tower, grabs[c][0]) for c in ("input", attn, "mlp", "hidden"))
+            a_scale, m_scale = (residual_scale(vlm, tower, c, layer) for c in (attn, "mlp"))  # layer scale, tanh gates
+            torch.testing.assert_close(x + a_scale * a + m_scale * m, out, rtol=1e-5, atol=1e-5)
+            assert a.abs().max() > 0 and m.abs().max() > 0
+            checked.append(tower)
+    assert "lm" in checked or vlm.family == "blip"
+
+
+def test_the_tail_reproduces_the_logits(vlm, image):
+    """The adapter's tail (final norm, LM head, soft cap) on the last layer's output gives the model's logits."""
+    if not vlm.decoder.continues_prompt:  # BLIP's answer decoder: its logits are a module's output (FINAL checks it)
+        return
+    ex = vlm.prepare(image, QUESTION)
+    grab = vlm.hook("lm.hidden.-1", capture=True)
+    with vlm.attach([grab]):
+        logits = run_logits(vlm, ex)
+    with torch.no_grad():
+        tail = vlm.adapter.tail_logits("lm", grab.value)
+    torch.testing.assert_close(tail, logits, rtol=0, atol=1e-6)
 
 
 def test_head_edit_equals_manual_split_of_output_projection_input(vlm, image):

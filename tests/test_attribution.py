@@ -31,6 +31,9 @@ CASES = {
                  ("vision", "input", {"tile 2": [40]})],
     "mllama": [("lm", "xattn", ["question", "last"]), ("lm", "xattn_head", ["last"]),
                ("vision_global", "mlp", {"tile 0": [11, 16]}), ("vision", "attn", {"cls": [0, 24]})],
+    "llava_onevision": [("lm", "mlp", ["image", "question", "last"]), ("vision", "attn", "each")],
+    "gemma3": [("lm", "attn", "each"), ("lm", "head", ["image", "last"]), ("vision", "mlp", ["image"])],
+    "paligemma": [("lm", "mlp", "each"), ("lm", "head", ["last"]), ("vision", "hidden", ["image"])],
 }
 
 

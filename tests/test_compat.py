@@ -69,3 +69,15 @@ def test_llava_next_geometry_helpers_agree_with_a_hand_worked_grid():
     assert compat.anyres_grid_shape((30, 60), [[10, 20], [20, 10], [20, 20]], 10) == (1, 2)
     assert tuple(compat.unpad_image(torch.zeros(1, 2, 4), torch.tensor((30, 60))).shape) == (1, 2, 4)
     assert tuple(compat.unpad_image(torch.zeros(1, 4, 4), torch.tensor((10, 40))).shape) == (1, 2, 4)
+
+
+@pytest.mark.parametrize("version, caps, uncached_ok", [("5.13.0", False, False), ("5.18.0", False, True),
+                                                         ("5.22.0", False, True), ("5.23.0", True, True)])
+def test_what_paligemma_does_by_release(monkeypatch, version, caps, uncached_ok):
+    """PaliGemma caps its final logits from 5.23 and types tokens generated without the cache from 5.18 (read in the
+    releases' modeling_paligemma.py); other classes are not listed and apply what their adapter states."""
+    monkeypatch.setattr(compat, "VERSION", Version(version))
+    assert compat.applies_final_softcap("PaliGemmaForConditionalGeneration") == caps
+    assert compat.applies_final_softcap("Gemma3ForConditionalGeneration")
+    model = type("PaliGemmaForConditionalGeneration", (), {})()
+    assert (compat.uncached_generation_problem(model) == "") == uncached_ok

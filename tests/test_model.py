@@ -59,13 +59,16 @@ def test_object_group_on_an_unresized_image(vlm, image):
         if vlm.family in CROSS_OBJECT:
             assert ex.groups["cross"]["object"] == CROSS_OBJECT[vlm.family]
         return
-    assert ex.groups["vision"]["object"] == [1 + 5]  # CLS first
-    if vlm.family == "llava":
-        assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][5]]
-    if vlm.family == "llava_next":
-        image_pos = ex.groups["lm"]["image"]
+    # patch 5 of the grid: after the CLS token in CLIP and ViT towers (position 6), at position 5 in SigLIP towers
+    assert ex.groups["vision"]["object"] == [6 if "cls" in ex.groups["vision"] else 5]
+    image_pos = ex.groups["lm"].get("image")
+    if vlm.family in ("llava", "paligemma"):  # one LM image token per patch
+        assert ex.groups["lm"]["object"] == [image_pos[5]]
+    if vlm.family in ("llava_next", "llava_onevision"):
         # base 4x4 grid, then one 4x4 tile written row by row with a newline token after each row
         assert ex.groups["lm"]["object"] == [image_pos[5], image_pos[16 + 1 * 5 + 1]]
+    if vlm.family == "gemma3":  # 2x2 LM tokens, each the average of 2x2 patches: patch (1, 1) is in token (0, 0)
+        assert ex.groups["lm"]["object"] == [image_pos[0]]
     if vlm.family in ("blip", "blip2", "instructblip"):
         assert "object" not in ex.groups["lm"]
 
@@ -97,6 +100,10 @@ def _manual_first_logits(vlm, inputs: dict) -> torch.Tensor:
                           encoder_attention_mask=inputs["attention_mask"]).logits[0, -1]
 
 
+# the token type of answer tokens fed after the prompt: text (Gemma 3), the causal suffix after the prefix (PaliGemma)
+ANSWER_TOKEN_TYPE = {"gemma3": 0, "paligemma": 1}
+
+
 def test_scores_equal_a_plain_token_by_token_loop(vlm, image):
     answer = "red circle"
     ex = vlm.prepare(image, QUESTION, answer=answer)
@@ -114,6 +121,9 @@ def test_scores_equal_a_plain_token_by_token_loop(vlm, image):
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
                 for key in vlm.adapter.adapter.text_aligned_inputs:  # Mllama: each new token sees the image too
                     inputs[key] = torch.cat([inputs[key]] + [inputs[key][:, -1:]] * i, 1)
+                if "token_type_ids" in inputs:
+                    kind = torch.full_like(done, ANSWER_TOKEN_TYPE[vlm.family])
+                    inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], kind], 1)
             logp = torch.log_softmax(_manual_first_logits(vlm, inputs), -1)[token].item()
             if i == 0:
                 assert score.first_logprob == pytest.approx(logp, abs=1e-5)
@@ -151,16 +161,17 @@ def test_bad_answers_are_named(vlm, image):
 
 
 def test_prompt_placeholder_rules(vlm, image):
+    mark = vlm.image_token  # the placeholder a prompt holds (Gemma 3: its start-of-image token)
     if vlm.adapter.adapter.image_placeholder:
         with pytest.raises(PromptError, match="0 times"):
             vlm.prepare(image, QUESTION, template="USER: {question} ASSISTANT:")
         with pytest.raises(PromptError, match="2 times"):
-            vlm.prepare(image, QUESTION, template=f"{vlm.image_token} {vlm.image_token} {{question}}")
+            vlm.prepare(image, QUESTION, template=f"{mark} {mark} {{question}}")
     else:
         with pytest.raises(PromptError, match="adds the image tokens itself"):
             vlm.prepare(image, QUESTION, template="<image> {question}")
     with pytest.raises(PromptError, match="no '\\{question\\}'"):
-        vlm.prepare(image, QUESTION, template="USER: <image> ASSISTANT:")
+        vlm.prepare(image, QUESTION, template=f"USER: {mark or '<image>'} ASSISTANT:")
 
 
 @pytest.mark.parametrize("family, setting, value", [
@@ -169,6 +180,8 @@ def test_prompt_placeholder_rules(vlm, image):
     ("llava_next", "num_additional_image_tokens", 0),
     ("blip2", "num_query_tokens", 3),
     ("instructblip", "num_query_tokens", 5),
+    ("llava_onevision", "num_image_tokens", 9),
+    ("paligemma", "image_seq_length", 9),
 ])
 def test_image_token_count_mismatch_is_explained(family, setting, value, image):
     model, processor = tiny(family)
@@ -179,7 +192,8 @@ def test_image_token_count_mismatch_is_explained(family, setting, value, image):
     assert setting in str(err.value)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "blip", "blip2", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "blip", "blip2", "instructblip", "llava_onevision",
+                                    "gemma3", "paligemma"])
 def test_load_from_a_saved_folder_gives_the_same_model(family, tmp_path, image):
     model, processor = tiny(family, seed=3)
     model.save_pretrained(tmp_path)

@@ -243,7 +243,7 @@ def test_the_self_check_fails_on_wrong_replays(image):
     assert state is not None and state.kv_reuse, why
     checks, why = fast.probes(vlm, corrupt, state)
     assert len(checks) == 2 and not why
-    later = state.answer_at // 2
+    later = fast.probe_position(corrupt, state)  # where the self-check perturbs and restarts
     assert fast.self_check(vlm, state, checks, 0) == "" and fast.self_check(vlm, state, checks, later) == ""
     # stale: the layers read the base run's own cache under their keyword, the fresh one goes to a keyword they ignore
     stale = DynamicCache()

@@ -38,6 +38,18 @@ CASES = {
                ("lm", "mlp", ["last"]), ("lm", "head", ["last"]), ("lm", "input", ["question"]),
                ("vision", "hidden", {"tile 0": [11, 16], "cls": [0, 24]}), ("vision", "head", {"tile 1": [30]}),
                ("vision_global", "attn", {"tile 0": [11]}), ("vision_global", "head", {"tile 2": [50]})],
+    "llava_onevision": [("lm", "input", ["image", "question", "last"]), ("lm", "hidden", ["question", "last"]),
+                        ("lm", "attn", ["image", "last"]), ("lm", "mlp", ["last"]), ("lm", "head", ["last"]),
+                        ("vision", "input", ["image"]), ("vision", "hidden", ["image"]), ("vision", "attn", ["image"]),
+                        ("vision", "mlp", "each"), ("vision", "head", ["image"])],
+    "gemma3": [("lm", "input", ["image", "last"]), ("lm", "hidden", ["last"]), ("lm", "attn", ["image"]),
+               ("lm", "mlp", ["last"]), ("lm", "head", ["last"]),
+               ("vision", "hidden", ["image"]), ("vision", "attn", ["image"]), ("vision", "input", ["image"]),
+               ("vision", "mlp", ["image"]), ("vision", "head", ["image"])],
+    "paligemma": [("lm", "input", ["image", "question", "last"]), ("lm", "hidden", ["image", "last"]),
+                  ("lm", "attn", ["image", "last"]), ("lm", "mlp", ["question", "last"]), ("lm", "head", ["last"]),
+                  ("vision", "input", ["image"]), ("vision", "hidden", ["image"]), ("vision", "attn", ["image"]),
+                  ("vision", "mlp", "each"), ("vision", "head", ["image"])],
 }
 
 
@@ -85,9 +97,10 @@ def plain_loop(vlm, clean, corrupt, tower, component, layer, head, positions, an
         handle = module.register_forward_pre_hook(
             lambda m, a, kw: ((patch(a[0]), *a[1:]), kw) if a else (a, {**kw, "hidden_states": patch(kw["hidden_states"])}),
             with_kwargs=True)
-    else:
+    else:  # first in line: transformers' own hooks record the hidden states a model selects (LLaVA-OneVision's image
+        # features are the last vision layer's recorded output), and they must record the patched value
         handle = module.register_forward_hook(
-            lambda m, a, o: patch(o) if torch.is_tensor(o) else (patch(o[0]), *o[1:]))
+            lambda m, a, o: patch(o) if torch.is_tensor(o) else (patch(o[0]), *o[1:]), prepend=True)
     try:
         with torch.no_grad():
             logits = vlm.logits(corrupt.inputs)

@@ -19,6 +19,7 @@ ceiling gets a warning once; the tracing fast path still guards itself with its 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -89,6 +90,21 @@ def new_cache() -> Any:
     return transformers.DynamicCache()
 
 
+def full_cache_inputs(model: Any) -> dict[str, Any]:
+    """A fresh cache that keeps every position of every layer, under the keyword ``model``'s forward takes it by.
+
+    A cache the model builds from its config keeps only a sliding window of positions in the
+    local-attention layers (Gemma 2 and 3); a plain :func:`new_cache` keeps them all. The keyword
+    is read from the forward's signature (``cache`` from 5.24, ``past_key_values`` before);
+    ``{}`` when the forward takes none of the known names.
+    """
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return next(({name: new_cache()} for name in CACHE_KEYWORDS if name in names), {})
+
+
 def cache_entries(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) of every layer of ``cache``, each (batch, kv_heads, positions, head_dim)."""
     layers = getattr(cache, "layers", None)
@@ -126,6 +142,37 @@ def attn_implementation(config: Any) -> str | None:
 # The keywords a layer may receive its input under when called without positional arguments: transformers 5.13
 # calls Mllama's vision encoder layers with hidden_state=, later releases with hidden_states=.
 LAYER_INPUT_KEYWORDS = ("hidden_states", "hidden_state")
+# ---- what a model class does, by release ---------------------------------------------------
+# The release from which a class applies its text config's final_logit_softcapping to the logits it returns (before:
+# it returns them uncapped). PaliGemma 2's Gemma 2 configs set a cap of 30; PaliGemma from 5.23.0 applies it.
+FINAL_SOFTCAP_SINCE = {"PaliGemmaForConditionalGeneration": "5.23.0"}
+# The release from which generate(use_cache=False) gives a class's generated tokens the token type of text after the
+# prompt; before it they repeat the prompt's last type (PaliGemma: 0, so each joins the bidirectional prefix, and
+# generation with and without the cache differ).
+UNCACHED_TOKEN_TYPES_SINCE = {"PaliGemmaForConditionalGeneration": "5.18.0"}
+
+
+class KnownIssueWarning(UserWarning):
+    """This transformers release computes something differently from the release vlm-interp is checked against."""
+
+
+def applies_final_softcap(model_class: str) -> bool:
+    """Whether ``model_class`` (a class name) caps its final logits with the text config's final_logit_softcapping
+    in this transformers release; classes not listed apply whatever their adapter states."""
+    since = FINAL_SOFTCAP_SINCE.get(model_class)
+    return since is None or VERSION >= Version(since)
+
+
+def uncached_generation_problem(model: Any) -> str:
+    """Why ``model.generate(use_cache=False)`` is not what the cached generation computes in this release ("" if it
+    is)."""
+    name = type(model).__name__
+    since = UNCACHED_TOKEN_TYPES_SINCE.get(name)
+    if since is None or VERSION >= Version(since):
+        return ""
+    return (f"transformers {VERSION} gives {name}'s generated tokens the prompt's token type when generating without "
+            f"the key/value cache (fixed in {since}): they join the bidirectional prefix, so the tokens differ from "
+            "generation with the cache; generate with the cache or use a newer transformers")
 
 
 # ---- private helpers of modeling files --------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import geometry
+from . import compat, geometry
 from .adapters import BoundAdapter, adapter_for
 from .adapters.base import ImageLayout
 from .adapters.decoders import DECODERS
@@ -71,7 +72,10 @@ class VLM:
 
     @property
     def image_token(self) -> str | None:
-        tok = getattr(self.processor, "image_token", None)
+        """The text a prompt marks the image with (the adapter's ``placeholder_attr`` of the processor)."""
+        tok = self.processor
+        for name in self.adapter.adapter.placeholder_attr.split("."):
+            tok = getattr(tok, name, None)
         return getattr(tok, "content", tok)
 
     @property
@@ -132,6 +136,8 @@ class VLM:
         image = image.convert("RGB")
         prompt = self.format_prompt(question, template)
         inputs = dict(self.processor(images=image, text=prompt, return_tensors="pt"))
+        for key in self.adapter.adapter.drop_inputs:
+            inputs.pop(key, None)
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         example = Example(inputs=inputs, prompt=prompt, question=question, image=image,
                           image_hw=(image.height, image.width))
@@ -155,7 +161,8 @@ class VLM:
         if found != expected:
             proc = self.processor
             detail = {k: getattr(proc, k) for k in ("patch_size", "vision_feature_select_strategy",
-                                                     "num_query_tokens", "num_additional_image_tokens")
+                                                     "num_query_tokens", "num_additional_image_tokens",
+                                                     "num_image_tokens", "image_seq_length")
                       if hasattr(proc, k)}
             raise ImageTokenMismatchError(
                 f"the prompt holds {found} image tokens (id {token}) but the model turns this "
@@ -172,6 +179,7 @@ class VLM:
         the processor expands the prompt's one image placeholder into a span that also holds
         other tokens (tile separators, row and column tags), the tokens before and after the
         placeholder must match the start and the end of ``seq``; the span between is the image's.
+        Otherwise the processor inserted tokens elsewhere (:meth:`_inserted_alignment`).
         """
         enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
         pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
@@ -188,10 +196,29 @@ class VLM:
                 spans = {p: tuple(o) for p, (_, o) in enumerate(before)}
                 spans.update({len(seq) - len(after) + k: tuple(o) for k, (_, o) in enumerate(after)})
                 return spans
-        raise PromptError(
-            "could not align the processed input ids with the tokenized prompt; the processor changed "
-            f"the text in an unexpected way (prompt {prompt!r})"
-        )
+        return self._inserted_alignment(prompt, plain, [(p, seq[p]) for p in positions])
+
+    @staticmethod
+    def _inserted_alignment(prompt: str, plain: list, seq: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+        """Align a tokenized prompt with a processed sequence into which the processor inserted tokens.
+
+        Processors that wrap the image (Gemma 3's start and end of image, PaliGemma's BOS after the
+        image) or re-tokenize around it add tokens the prompt does not have. The two id lists are
+        matched by their longest common subsequence; positions of ``seq`` without a partner come from
+        the processor and get no span. Every prompt token that carries text (not only white space, which
+        a processor may re-tokenize together with what it inserts) must find its partner.
+        """
+        matcher = difflib.SequenceMatcher(None, [i for i, _ in plain], [t for _, t in seq], autojunk=False)
+        pairs = [(a + k, b + k) for a, b, n in matcher.get_matching_blocks() for k in range(n)]
+        spans = {seq[b][0]: tuple(plain[a][1]) for a, b in pairs}
+        matched = {a for a, _ in pairs}
+        lost = [prompt[o[0]:o[1]] for k, (_, o) in enumerate(plain) if prompt[o[0]:o[1]].strip() and k not in matched]
+        if lost:
+            raise PromptError(
+                "could not align the processed input ids with the tokenized prompt; the processor changed "
+                f"the text in an unexpected way (prompt {prompt!r}; prompt text not found: {lost[:5]})"
+            )
+        return spans
 
     def _question_positions(self, spans: dict[int, tuple[int, int]], prompt: str, question: str) -> list[int]:
         start = prompt.rfind(question)
@@ -208,10 +235,12 @@ class VLM:
                                   "cls": [p for p, b in enumerate(entries) if b == "cls"]}
                 ex.boxes[key] = {p: b for p, b in enumerate(entries) if b not in (None, "cls")}
         else:
+            spec = self.adapter.adapter
             grid = self._vision_grid()
-            vision_n = grid[0] * grid[1]
-            ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
-            ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
+            first = 1 if spec.vision_cls else 0  # patches follow the class token, where the vision tower has one
+            patches = list(range(first, first + grid[0] * grid[1]))
+            ex.groups["vision"] = {"image": patches, **({"cls": [0]} if spec.vision_cls else {})}
+            ex.boxes["vision"] = dict(zip(patches, self._frame_boxes(ex, grid)))
         if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
             spans = self.text_alignment(self.tokenizer, ex.prompt, ids, None)
@@ -332,7 +361,7 @@ class VLM:
         if not answer or not answer.strip():
             raise AnswerEncodingError("the answer is empty; give the text the model should produce")
         tok = self.tokenizer
-        ids = self.decoder.answer_ids(tok, ex.prompt, self.answer_prefix, answer)
+        ids = self.decoder.answer_ids(tok, ex.prompt, self.answer_prefix, answer, self.adapter.adapter.answer_alone)
         if not ids:
             raise AnswerEncodingError(f"answer {answer!r} encodes to no tokens")
         if tok.unk_token_id is not None and tok.unk_token_id in ids:
@@ -351,7 +380,7 @@ class VLM:
             if key in inputs and extra.shape[1]:
                 last = inputs[key][:, -1:]
                 inputs[key] = torch.cat([inputs[key], last.expand(-1, extra.shape[1], *last.shape[2:])], dim=1)
-        return self.decoder.with_answer(self.model, inputs, extra)
+        return self.decoder.with_answer(self.model, inputs, extra, self.adapter.adapter.answer_token_inputs)
 
     def answer_start(self, ex: Example) -> int:
         """Position of the logits that predict the first answer token."""
@@ -395,6 +424,9 @@ class VLM:
     def generate(self, ex: Example, max_new_tokens: int = 20, **kw: Any) -> str:
         """Greedy (by default) generation of the answer text for one example."""
         kw.setdefault("do_sample", False)
+        problem = compat.uncached_generation_problem(self.model) if kw.get("use_cache") is False else ""
+        if problem:
+            warnings.warn(problem, compat.KnownIssueWarning, stacklevel=2)
         with torch.no_grad(), applied(self, ex):
             out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
         out = self.decoder.generated(out, ex.inputs)

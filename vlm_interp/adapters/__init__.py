@@ -7,13 +7,16 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnknownArchitectureError
-from . import blip, blip2, idefics3, internvl, llava, llava_next, mllama
+from . import blip, blip2, gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, paligemma
 from .base import Adapter, BoundAdapter, ImageLayout, Tower
 
 # model class name -> function building that family's adapter from the model config
 REGISTRY: dict[str, Callable[[object], Adapter]] = {
     **{c: llava.build for c in llava.MODEL_CLASSES},
     **{c: llava_next.build for c in llava_next.MODEL_CLASSES},
+    **{c: llava_onevision.build for c in llava_onevision.MODEL_CLASSES},
+    **{c: gemma3.build for c in gemma3.MODEL_CLASSES},
+    **{c: paligemma.build for c in paligemma.MODEL_CLASSES},
     **{c: blip.build for c in blip.MODEL_CLASSES},
     **{c: blip2.build_blip2 for c in blip2.BLIP2_CLASSES},
     **{c: blip2.build_instructblip for c in blip2.INSTRUCTBLIP_CLASSES},
@@ -26,10 +29,11 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
 HOW_TO_ADD = (
     "To add a family, write vlm_interp/adapters/<family>.py with a build(config) -> Adapter that gives its towers "
     "(layer list path, component table, head-count config key; for the answer LM its tail and the keywords the "
-    "fast path may replay, how its batch holds tiles, scales before the residual add), its decoder kind, default "
-    "prompt template and image-token facts (placeholder, count, the boxes LM image tokens cover, or for tiled images "
-    "an image_layout), its vision root, per-patch projector layers and noise places, and register its model class "
-    "in vlm_interp/adapters/__init__.py:REGISTRY."
+    "fast path may replay, a final-logit soft cap, whether input + attn + mlp = output, how its batch "
+    "holds tiles, scales before the residual add), its decoder kind, default prompt template and image-token facts (placeholder and the processor attribute naming "
+    "it, count, the boxes LM image tokens cover or for tiled images an image_layout, a class token in the vision "
+    "tower), processor outputs to drop and per-token inputs an answer extends, its attention blocks that are not causal, its vision root, per-patch projector layers and noise "
+    "places, and register its model class in vlm_interp/adapters/__init__.py:REGISTRY."
 )
 
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Callable, Literal
 
+import torch
 from torch import nn
 
 from .. import compat
 from ..errors import AdapterValidationError, ModuleNotFoundInModelError, SiteError
-from ..hooks import EditFn, Hook, HookKind, resolve_module
+from ..hooks import EditFn, Hook, HookKind, primary_tensor, resolve_module
 from ..sites import HEAD_COMPONENTS, Site, parse_site
 
 Slot = tuple[str, HookKind]  # (path relative to the layer, "" for the layer itself; hook kind)
@@ -88,6 +89,14 @@ class Tower:
     # "scale" (multiplied) or "tanh" (multiplied by its tanh)). The component is hooked before that scale, so
     # restoring it restores the scaled tensor too; the residual stream gains scale x component.
     residual_scale: dict[str, tuple[str, Literal["scale", "tanh"]]] = field(default_factory=dict)
+    # Dotted config attribute of the final-logit soft cap the model applies after the tail (Gemma 2's and PaliGemma
+    # 2's ``final_logit_softcapping``): logits become cap * tanh(logits / cap). ``None``, or an attribute that holds
+    # ``None``: the tail's output is the logits. With it, the tail reproduces the model's logits exactly.
+    softcap: str | None = None
+    # Whether every layer's input plus its ``attn`` (or ``xattn``) and ``mlp`` outputs, each times its
+    # ``residual_scale`` where it has one, is its output (pre-norm blocks, where these sites are the tensors added to
+    # the residual stream); False for post-norm layers (BERT), where a LayerNorm follows each add.
+    residual_sum: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,20 @@ class ImageLayout:
     lm: list
     pixels: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     other: dict[str, list] = field(default_factory=dict)
+
+
+Blocks = list[tuple[int, int]]  # (first, last) positions, inclusive
+
+
+def runs(flags: list[bool]) -> Blocks:
+    """(first, last) of every run of consecutive true flags."""
+    out: Blocks = []
+    for p, flag in enumerate(flags):
+        if flag and out and out[-1][1] == p - 1:
+            out[-1] = (out[-1][0], p)
+        elif flag:
+            out.append((p, p))
+    return out
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,23 @@ class Adapter:
     # processed inputs besides input_ids and attention_mask whose dimension 1 runs along the text (Mllama's
     # cross_attention_mask): answer tokens appended to the prompt repeat their last position, as generation does
     text_aligned_inputs: tuple[str, ...] = ()
+    # the vision tower's sequence starts with a class token before its patches (CLIP, ViT); SigLIP towers have none
+    vision_cls: bool = True
+    # the processor attribute (dotted) holding the text a prompt marks the image with (Gemma 3: its tokenizer's
+    # start-of-image token, which the processor expands; the LM's image tokens are another token)
+    placeholder_attr: str = "image_token"
+    # processor outputs the model must not be given (PaliGemma's training labels)
+    drop_inputs: tuple[str, ...] = ()
+    # per-token inputs that tokens fed after the prompt (a scored answer) extend, with the value they take there
+    # (PaliGemma: token_type_ids 1, the causal suffix; Gemma 3: 0, text)
+    answer_token_inputs: dict[str, int] = field(default_factory=dict)
+    # answers are tokenized on their own, not as a continuation of the prompt's text: the processor ends the prompt
+    # with a separator of its own (PaliGemma's newline) and tokenizes a suffix separately
+    answer_alone: bool = False
+    # the answer tower's bidirectional attention: from (config, model inputs), the blocks of positions (first, last)
+    # whose tokens attend to each other both ways (Gemma 3's image tokens, PaliGemma's whole prompt). None: causal
+    # everywhere. A patch inside a block changes the block's earlier positions; the fast tracing path reads this.
+    attention_blocks: Callable[[Any, dict], Blocks] | None = None
     notes: str = ""
 
 
@@ -151,6 +191,11 @@ def _has_parameter(module: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Final-logit soft capping as Gemma-family models compute it: cap * tanh(logits / cap) (``None``: unchanged)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _config_get(config: Any, dotted: str) -> Any:
@@ -264,6 +309,21 @@ class BoundAdapter:
         if component in HEAD_COMPONENTS:
             return [Site(tower, component, l, h) for l in layers for h in range(self.n_heads[tower])]
         return [Site(tower, component, l) for l in layers]
+
+    def logit_softcap(self, tower: str) -> float | None:
+        """The final-logit soft cap ``tower``'s logits get after its tail (``Tower.softcap``), or ``None``."""
+        path = self._tower(tower).softcap
+        try:
+            cap = None if path is None else _config_get(self.model.config, path)
+        except AttributeError:  # a config without the option (PaliGemma 1's Gemma): the model applies no cap
+            return None
+        return None if cap is None else float(cap)
+
+    def tail_logits(self, tower: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from ``tower``'s last layer output: its tail modules, then its soft cap (as the model computes them)."""
+        for module in self.tail_modules(tower):
+            hidden = primary_tensor(module(hidden), type(module).__name__)
+        return soft_cap(hidden, self.logit_softcap(tower))
 
     def tail_modules(self, tower: str) -> list[nn.Module]:
         """The modules after ``tower``'s last layer that produce logits, in order (optional ones if present)."""

@@ -18,7 +18,7 @@ def build(config) -> Adapter:
         model_classes=MODEL_CLASSES,
         towers={
             "vision": Tower("vision_model.encoder.layers", BLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                            description="ViT"),
+                            description="ViT", residual_sum=True),
             "text": Tower("text_encoder.encoder.layer", BERT_XATTN_LAYER, "text_config.num_attention_heads",
                           description="question encoder, cross-attends to the image"),
             "lm": Tower("text_decoder.bert.encoder.layer", BERT_XATTN_LAYER, "text_config.num_attention_heads",

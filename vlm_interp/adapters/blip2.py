@@ -17,7 +17,7 @@ def query_tokens(config, inputs) -> int:
 def _towers(config) -> dict[str, Tower]:
     return {
         "vision": Tower("vision_model.encoder.layers", BLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                        description="ViT"),
+                        description="ViT", residual_sum=True),
         "qformer": Tower("qformer.encoder.layer", QFORMER_LAYER, "qformer_config.num_attention_heads",
                          description="Q-Former (queries first, then instruction text for InstructBLIP)"),
         "lm": lm_tower(config, "language_model.model", "language_model.lm_head"),

@@ -24,8 +24,14 @@ class CausalDecoder:
     continues_prompt = True  # answers (and generation steps) extend the prompt's own sequence
     not_a_continuation = ""
 
-    def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str) -> list[int]:
-        """The answer's token ids as they follow the prompt (an error where the tokenizer merges across the seam)."""
+    def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str, alone: bool = False) -> list[int]:
+        """The answer's token ids as they follow the prompt (an error where the tokenizer merges across the seam).
+
+        ``alone`` (``Adapter.answer_alone``): the processor ends the prompt with its own separator and
+        the answer is tokenized on its own, without ``prefix``.
+        """
+        if alone:
+            return tokenizer(answer, add_special_tokens=False)["input_ids"]
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         full = tokenizer(prompt + prefix + answer, add_special_tokens=False)["input_ids"]
         if full[: len(prompt_ids)] != prompt_ids:
@@ -35,11 +41,18 @@ class CausalDecoder:
             )
         return full[len(prompt_ids):]
 
-    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
-        """``inputs`` that also feed ``extra`` answer tokens (1, n) after the prompt."""
+    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor, fill: dict[str, int] | None = None
+                    ) -> dict:
+        """``inputs`` that also feed ``extra`` answer tokens (1, n) after the prompt.
+
+        ``fill``: other per-token inputs the answer tokens extend, with their value there
+        (``Adapter.answer_token_inputs``); the attention mask is always extended with ones.
+        """
         if extra.shape[1]:
             inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+            for key, value in {"attention_mask": 1, **(fill or {})}.items():
+                if key in inputs:
+                    inputs[key] = torch.cat([inputs[key], torch.full_like(extra, value)], dim=1)
         return inputs
 
     def teacher_forced(self, model: nn.Module, prompt: list[int],
@@ -68,13 +81,14 @@ class BlipDecoder:
         """The answer decoder's token groups and tokens before any answer: its start token, which predicts the answer."""
         return {"last": [0], "text": [0]}, [tokenizer.convert_ids_to_tokens(model.decoder_start_token_id)]
 
-    def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str) -> list[int]:
+    def answer_ids(self, tokenizer: Any, prompt: str, prefix: str, answer: str, alone: bool = False) -> list[int]:
         return tokenizer(prefix + answer, add_special_tokens=False)["input_ids"]
 
     def _start(self, model: nn.Module, rows: int, device) -> torch.Tensor:
         return torch.full((rows, 1), model.decoder_start_token_id, dtype=torch.long, device=device)
 
-    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
+    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor, fill: dict[str, int] | None = None
+                    ) -> dict:
         inputs["decoder_input_ids"] = torch.cat([self._start(model, 1, extra.device), extra], dim=1)
         return inputs
 

@@ -90,7 +90,7 @@ def build(config) -> Adapter:
         towers={
             "vision": Tower("model.vision_tower.encoder.layer", INTERNVIT_LAYER, "vision_config.num_attention_heads",
                             description="InternViT, one entry per image tile (CLS first in each)",
-                            batch_layout="tiles",
+                            batch_layout="tiles", residual_sum=True,
                             residual_scale={"attn": ("lambda_1", "scale"), "mlp": ("lambda_2", "scale")}),
             "lm": lm_tower(config, "model.language_model", "lm_head"),
         },

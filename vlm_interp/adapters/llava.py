@@ -12,7 +12,7 @@ PATCH_PROJECTOR = ("model.multi_modal_projector.linear_1", "model.multi_modal_pr
 
 def clip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
     return Tower(f"{prefix}.encoder.layers", CLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                 description="CLIP vision encoder")
+                 description="CLIP vision encoder", residual_sum=True)
 
 
 def patch_tokens(config, inputs) -> int:

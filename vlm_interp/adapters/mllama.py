@@ -90,13 +90,16 @@ def build(config) -> Adapter:
         model_classes=MODEL_CLASSES,
         towers={
             "vision": Tower("model.vision_model.transformer.layers", VISION_LAYER, "vision_config.attention_heads",
-                            description="local vision encoder, one sequence per image (tiles in turn)"),
+                            description="local vision encoder, one sequence per image (tiles in turn)", residual_sum=True),
             "vision_global": Tower("model.vision_model.global_transformer.layers", VISION_LAYER,
                                    "vision_config.attention_heads", residual_scale=GATES,
-                                   description="global vision encoder (tanh-gated), same positions"),
+                                   description="global vision encoder (tanh-gated), same positions", residual_sum=True),
             "lm": Tower("model.language_model.layers", LM_LAYER, "text_config.num_attention_heads",
                         kv_heads="text_config.num_key_value_heads", residual_scale=XATTN_GATES,
                         description="Llama with cross-attention layers reading the vision tokens",
+                        # not a plain sum: cross-attention layers multiply the MLP output by a row mask (text rows
+                        # before the image get none) between the hooked output and the residual add
+                        residual_sum=False,
                         tail=("model.language_model.norm", "lm_head"), replay=DECODER_REPLAY),
         },
         decoder="causal",

@@ -20,6 +20,15 @@ OPT_LAYER: dict[str, Slot] = {
     "mlp": ("fc2", "output"),
     "head": ("self_attn.out_proj", "input"),
 }
+# Gemma 2 and 3 norm each sublayer's output before the residual add (post_attention_layernorm,
+# post_feedforward_layernorm): ``attn`` and ``mlp`` are those norms' outputs, the tensors added to the residual stream.
+GEMMA2_LAYER: dict[str, Slot] = {
+    "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
+    "hidden": ("", "output"),
+    "attn": ("post_attention_layernorm", "output"),
+    "mlp": ("post_feedforward_layernorm", "output"),
+    "head": ("self_attn.o_proj", "input"),
+}
 LLAMA_TAIL = ("norm",)
 OPT_TAIL = ("decoder.final_layer_norm?", "decoder.project_out?")
 # model_type -> (layers path below the LM's base model, layer table, modules after the last layer below it)
@@ -27,6 +36,9 @@ LM_LAYERS = {
     "llama": ("layers", LLAMA_LAYER, LLAMA_TAIL),
     "mistral": ("layers", LLAMA_LAYER, LLAMA_TAIL),
     "qwen2": ("layers", LLAMA_LAYER, LLAMA_TAIL),
+    "gemma": ("layers", LLAMA_LAYER, LLAMA_TAIL),  # PaliGemma 1: Llama's layout (post_attention_layernorm feeds the MLP)
+    "gemma2": ("layers", GEMMA2_LAYER, LLAMA_TAIL),
+    "gemma3_text": ("layers", GEMMA2_LAYER, LLAMA_TAIL),
     "opt": ("decoder.layers", OPT_LAYER, OPT_TAIL),
 }
 
@@ -43,6 +55,8 @@ DECODER_REPLAY: dict[str, Replay] = {
 # Noise places shared by several families (see vlm_interp/corruptions/noise.py).
 CLIP_PATCHES = NoisePlace("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
                           "CLIP patch + position embeddings (CLS first)")
+SIGLIP_PATCHES = NoisePlace("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
+                            "SigLIP patch + position embeddings (no CLS)")
 BLIP_PATCHES = NoisePlace("vision_model.embeddings", "output", "vision", "position", "vision_config.hidden_size",
                           "ViT patch + position embeddings (CLS first)")
 QFORMER_QUERIES = NoisePlace("language_projection", "output", "lm", "group", "text_config.hidden_size",
@@ -56,6 +70,15 @@ CLIP_VISION_LAYER: dict[str, Slot] = {
     "mlp": ("mlp", "output"),
     "head": ("self_attn.out_proj", "input"),
 }
+SIGLIP_VISION_LAYER = CLIP_VISION_LAYER  # SigLIP's encoder layers have CLIP's layout
+
+
+def siglip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
+    """A SigLIP vision encoder (LLaVA-OneVision, Gemma 3, PaliGemma): patches only, no class token."""
+    return Tower(f"{prefix}.encoder.layers", SIGLIP_VISION_LAYER, "vision_config.num_attention_heads",
+                 description="SigLIP vision encoder", residual_sum=True)
+
+
 BLIP_VISION_LAYER: dict[str, Slot] = {
     "input": ("", "input"),  # the residual stream entering the layer (layer 0: the input embeddings)
     "hidden": ("", "output"),
@@ -79,11 +102,13 @@ BERT_XATTN_LAYER: dict[str, Slot] = {
 QFORMER_LAYER: dict[str, Slot] = {**BERT_XATTN_LAYER, "mlp": ("output_query.dense", "output")}
 
 
-def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_config") -> Tower:
+def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_config",
+             softcap: str | None = None) -> Tower:
     """The ``lm`` tower for a decoder LM whose base model (with ``layers``) sits at ``base_path``.
 
     ``lm_head`` is the path of the output projection to the vocabulary; with the base model's
-    final norm it forms the tower's ``tail``.
+    final norm it forms the tower's ``tail``. ``softcap``: the config attribute of a final-logit
+    soft cap the model applies after it (see :attr:`Tower.softcap`).
     """
     text = getattr(config, heads_prefix)
     kind = getattr(text, "model_type", None)
@@ -102,4 +127,6 @@ def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_con
         description=f"{kind} decoder",
         tail=tuple(f"{base_path}.{t}" for t in tail) + (lm_head,),
         replay=DECODER_REPLAY,
+        softcap=softcap,
+        residual_sum=True,
     )

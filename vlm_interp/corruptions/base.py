@@ -25,7 +25,8 @@ __all__ = ["CorruptionError", "InputEdit", "applied", "run", "score", "layout_di
            "ID_KEYS"]
 
 # Inputs that fix the token layout of an example; corrupt and clean must agree on them exactly.
-ID_KEYS = ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask", "image_sizes")
+ID_KEYS = ("input_ids", "attention_mask", "token_type_ids", "qformer_input_ids", "qformer_attention_mask",
+           "image_sizes")
 
 
 def run(vlm, example: Example, inputs: dict[str, torch.Tensor] | None = None, grad: bool = False) -> torch.Tensor:

@@ -15,7 +15,8 @@ Where the noise goes is adapter data (``Adapter.noise_places``), not copied mode
   newline tokens, so it hooks the LM's input itself (the first decoder layer's input), whose
   positions are the LM's. BLIP's LM has no image tokens: the vision model's output, which the
   question encoder cross-attends to, takes their place (positions = the vision group).
-* ``patches``: the vision tower's patch embeddings (positions = the vision group, CLS at 0).
+* ``patches``: the vision tower's patch embeddings (positions = the vision group, CLS at 0 where the
+  tower has one; SigLIP towers have none).
 * ``pixels``: ``pixel_values`` inside the patches of the chosen vision positions.
 
 ``scale`` is absolute (a float) or relative (``"3sd"`` = 3 x the standard deviation of the
@@ -162,15 +163,17 @@ def _noise_tensor(shape: tuple[int, ...], scale: float, seed: int) -> torch.Tens
 
 
 def _is_tiled(vlm, ex: Example) -> bool:
-    """Whether the vision tower sees several views whose positions repeat (LLaVA-NeXT's crops: pixel_values
-    (batch, crops, channels, height, width)); towers that run tiles as one sequence (an image layout) do not."""
+    """Whether the vision tower sees several views whose positions repeat (LLaVA-NeXT's and LLaVA-OneVision's crops:
+    pixel_values (batch, crops, channels, height, width)); towers that run tiles as one sequence (an image layout) do
+    not."""
     return ex.inputs["pixel_values"].dim() == 5 and vlm.adapter.adapter.image_layout is None
 
 
 def _check_tiled(vlm, ex: Example, vision_image: list[int], positions: list[int], place: str) -> None:
     if _is_tiled(vlm, ex) and positions != vision_image:
         raise CorruptionError(
-            f"noise at {place!r} on LLaVA-NeXT covers all image patches of every tile (tokens='image'); the "
+            f"noise at {place!r} on a tiled image (LLaVA-NeXT, LLaVA-OneVision) covers all image patches of every "
+            "tile (tokens='image'); the "
             "vision positions of a sub-group refer to the base view only. For noise on an object use "
             "place='embeddings', where the LM's 'object' group covers the base view and the tiles."
         )
@@ -195,8 +198,9 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         vision_image = ex.positions("image", "vision")
         bad = [p for p in positions if p not in set(vision_image)]
         if bad:
-            raise CorruptionError(f"vision positions {bad} are not image patches (CLS tokens have no pixels); "
-                                  f"patches are {vision_image[0]}..{vision_image[-1]}")
+            cls = " (position 0 is the CLS token, which has no pixels)" if vlm.adapter.adapter.vision_cls else ""
+            raise CorruptionError(f"vision positions {bad} are not image patches{cls}; patches are "
+                                  f"{vision_image[0]}..{vision_image[-1]}")
         _check_tiled(vlm, ex, vision_image, positions, place)
         pixels = ex.inputs["pixel_values"]
         layout = vlm.image_layout(ex)
@@ -213,14 +217,16 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
     rows = 1
     if p.tower != "lm":  # vision positions (BLIP's vision output, patch embeddings, tiles in turn) or the like
         layout = vlm.image_layout(ex)
+        cls = vlm.adapter.adapter.vision_cls
         if layout is None:
-            length = 1 + len(image)
+            length = int(cls) + len(image)
         else:
             length = len({"vision": layout.vision, **layout.other}[p.tower])
         bad = [q for q in positions if not 0 <= q < length]
         if bad:
+            where = (" (0 is CLS)" if cls else "") if layout is None else " (tiles in turn)"
             raise CorruptionError(f"{p.tower} positions {bad} are out of range; that sequence has positions "
-                                  f"0..{length - 1}" + (" (0 is CLS)" if layout is None else " (tiles in turn)"))
+                                  f"0..{length - 1}{where}")
         index, exact = positions, True
         if place == "patches":
             _check_tiled(vlm, ex, image, positions, place)

@@ -58,9 +58,21 @@ def _as_array(vlm, values: torch.Tensor) -> xr.DataArray:
                         attrs={"model": vlm.name, "metric": "L2 distance of head outputs with and without image"})
 
 
+def _require_causal_lm(vlm, what: str) -> None:
+    """VHD reruns the LM on its input embeddings alone, which holds only for an LM that is causal everywhere."""
+    require_decoder_lm(vlm, what)
+    if vlm.adapter.adapter.attention_blocks is not None:
+        raise InterventionError(
+            f"{what} reruns the LM on its input embeddings alone, with its default causal mask and positions; "
+            f"{vlm.family} models attend both ways over part of their input (adapter: attention_blocks), which such "
+            "a rerun would drop, so it would not measure the model's own heads. Use IRI (inject) or head "
+            "modulation (modulate_heads) instead"
+        )
+
+
 def head_divergence(vlm, example: Example) -> xr.DataArray:
     """VHD of every LM head at the example's last prompt token, as a (layer, head) array."""
-    require_decoder_lm(vlm, "VHD")
+    _require_causal_lm(vlm, "VHD")
     grab: dict[str, torch.Tensor] = {}
 
     def keep(args: tuple, kwargs: dict) -> None:
@@ -109,7 +121,7 @@ class VHRState:
 @contextlib.contextmanager
 def vhr(vlm, alpha: float = 2.0, layers: Sequence[int] | None = None) -> Iterator[VHRState]:
     """Amplify vision-aware heads by ``alpha`` during generate (chosen at each new sequence's first step)."""
-    require_decoder_lm(vlm, "VHR")
+    _require_causal_lm(vlm, "VHR")
     if vlm.image_token_id is None:
         raise InterventionError(f"{vlm.family} models have no image token id; VHR cannot find the image tokens")
     state = VHRState(float(alpha), None if layers is None else list(layers))

@@ -37,6 +37,9 @@ from . import blip  # noqa: E402,I001
 from . import idefics3  # noqa: E402,I001
 from . import internvl  # noqa: E402,I001
 from . import mllama  # noqa: E402,I001
+from . import llava_onevision  # noqa: E402,I001
+from . import gemma3  # noqa: E402,I001
+from . import paligemma  # noqa: E402,I001
 
 FAMILIES = tuple(BUILDERS)
 

@@ -17,17 +17,18 @@ IMAGE_SIZE, PATCH = 32, 8
 
 
 def word_tokenizer(bert_style: bool = False, image_token: bool = True, extra: tuple[str, ...] = (),
-                   named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+                   named: dict[str, str] | None = None, words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over :data:`WORDS`; BERT-style specials for BLIP's text models.
 
-    ``extra``: more special tokens (a family's image separators), after the usual ones;
-    ``named``: special tokens the processor reads as tokenizer attributes (``{"start_image_token": "<img>"}``).
+    ``extra``: more special tokens (a family's image and turn markers), after the usual ones;
+    ``named``: special tokens the processor reads as tokenizer attributes (``{"boi_token": "<start_of_image>"}``);
+    ``words``: more words, after :data:`WORDS` (a family's prompt words), so the usual ids stay as they are.
     """
     if bert_style:
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     else:
         specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>", *extra]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + [w for w in words if w not in WORDS])}
     unk = specials[1]
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

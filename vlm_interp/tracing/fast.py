@@ -16,6 +16,16 @@ live inside the model (``Example.edits``) are in the recorded inputs, because th
 hooks are attached after the edits. Nothing here copies or replaces model code: the layers
 are the model's own modules, called as the model calls them.
 
+Attention that is not causal everywhere is adapter data too (``Adapter.attention_blocks``):
+blocks of positions whose tokens attend to each other both ways (Gemma 3's image tokens,
+PaliGemma's whole prompt). A patch inside a block changes the block's earlier positions, so a
+restart after a prefix moves back to the block's first position and a one-layer span runs to
+the block's end; where a block holds both position 0 and the answer (a prefix LM), no prefix
+is reused at all and every run starts at position 0 (``why_no_kv`` says so). The self-check
+perturbs and restarts inside the image tokens, where such blocks are, so an adapter that
+declared a bidirectional LM causal fails it instead of giving wrong numbers. The final-logit
+soft cap (``Tower.softcap``) follows the tail.
+
 What it may replay is data: the adapter's ``Tower.replay`` table lists the keywords a decoder
 layer takes (attention mask, position ids, rotary embeddings...) and where their positions
 and batch rows are. The key/value cache is found by its type (:mod:`vlm_interp.compat`) and
@@ -24,7 +34,8 @@ replaced by a fresh one, under the keyword the model used. Any other keyword mak
 When it applies: the traced sites are in the ``lm`` tower of a causal-decoder family whose
 tower has a ``tail``, no edit sits inside the LM layers or after them, every keyword is
 understood, and a self-check passes (:func:`self_check`): two-row replays, one row
-unchanged and one carrying a seeded perturbation at an early position, from layer 0 and from
+unchanged and one carrying a seeded perturbation inside the image tokens (else at an early
+position; :func:`probe_position`), from layer 0 and from
 a middle layer, from position 0 and (for key/value reuse) from a later position, each
 compared with a whole-model forward under the same edit; the recorded state must be
 unchanged afterwards. Otherwise :func:`lm_start` returns ``None`` with the reason, and the
@@ -123,15 +134,26 @@ def _tolerance(state: LMStart) -> float:
     return SELF_CHECK_TOL.get(state.dtype, 2e-2) * max(1.0, float(state.reference.abs().max()))
 
 
+def probe_position(base: Example, state: LMStart) -> int:
+    """Where the self-check perturbs and restarts: inside the LM's image group, else at ``answer_at // 2``.
+
+    The middle of the image tokens before the answer, so that image positions precede it: a
+    family whose image tokens attend to each other both ways, replayed as if they did not,
+    gets those earlier positions wrong there, and the self-check fails.
+    """
+    image = [p for p in base.groups.get(TOWER, {}).get("image", []) if p < state.answer_at]
+    return image[len(image) // 2] if len(image) >= 2 else state.answer_at // 2
+
+
 def probes(vlm, base: Example, state: LMStart) -> tuple[list[Probe], str]:
-    """The self-check's two perturbations (or why none can be found), at or after position ``answer_at // 2``.
+    """The self-check's two perturbations (or why none can be found), at or after :func:`probe_position`.
 
     One perturbs layer 0's input (a replay from layer 0), one the middle layer's output (a
     replay of that layer on a span of positions; at the last layer only the answer position
-    reaches the answer). Positions from ``answer_at // 2`` on serve replays from position 0
-    and from ``answer_at // 2`` alike.
+    reaches the answer). Positions from :func:`probe_position` on serve replays from position
+    0 and from that position alike.
     """
-    n, early = len(state.layers), state.answer_at // 2
+    n, early = len(state.layers), probe_position(base, state)
     generator = torch.Generator().manual_seed(SELF_CHECK_SEED)
     middle = (n - 1) // 2
     out = []
@@ -196,8 +218,9 @@ def lm_start(vlm, base: Example) -> tuple[LMStart | None, str]:
     store: list[list] = [[] for _ in range(n)]
     hooks = recording_hooks(tower.layers, n, store)
     answer_at = vlm.answer_start(base)
+    full = compat.full_cache_inputs(vlm.model)  # every layer keeps every position (no sliding window)
     with torch.no_grad(), applied(vlm, base), vlm.attach(hooks):  # recorders run after the edits
-        reference = vlm.logits({**base.inputs, "use_cache": True})[0, answer_at].float()
+        reference = vlm.logits({**base.inputs, **full, "use_cache": True})[0, answer_at].float()
     store.append([((hooks[-1].value,), {})])
     inputs, keys, caches = [], set(), []
     for j, calls in enumerate(store):
@@ -211,23 +234,47 @@ def lm_start(vlm, base: Example) -> tuple[LMStart | None, str]:
             keys.add(key)
             caches.append(cache)
     why = replay_problem(inputs[:n], tower.replay)
-    if why:
+    blocks, why = (None, why) if why else _blocks(vlm, base, inputs[0].hidden.shape[1])
+    if blocks is None:
         return None, why
     config = vlm.model.config.get_text_config(decoder=True)
     layers = list(vlm.model.get_submodule(tower.layers))
     state = LMStart(layers, vlm.adapter.tail_modules(TOWER), inputs, answer_at, compat.attn_implementation(config),
-                    tower.replay, next(iter(keys)) if len(keys) == 1 else None, reference)
+                    tower.replay, next(iter(keys)) if len(keys) == 1 else None, reference, blocks=blocks,
+                    softcap=vlm.adapter.logit_softcap(TOWER))
     checks, why = probes(vlm, base, state)
     why = why or _guarded_check(vlm, state, checks, 0)
     if why:
         return None, why
-    if answer_at == 0:
-        state.why_no_kv = "the answer is predicted at position 0, so no prefix precedes it"
-        return state, ""
-    state.why_no_kv = attach_kv(inputs, caches, keys) or mask_problem(inputs[:n], state.attn_implementation)
+    state.why_no_kv = _no_prefix(vlm, state) or attach_kv(inputs, caches, keys) or \
+        mask_problem(inputs[:n], state.attn_implementation)
     if not state.why_no_kv:
         state.kv_reuse = True
-        why = _guarded_check(vlm, state, checks, max(1, answer_at // 2))
+        why = _guarded_check(vlm, state, checks, max(1, min(c.position for c in checks)))
         if why:
             state.kv_reuse, state.why_no_kv = False, f"restarting at a later position failed its self-check: {why}"
     return state, ""
+
+
+def _blocks(vlm, base: Example, seq_len: int) -> tuple[list[tuple[int, int]] | None, str]:
+    """The adapter's blocks of positions attending both ways for this example, checked (or ``None`` and why)."""
+    rule = vlm.adapter.adapter.attention_blocks
+    blocks = sorted(rule(vlm.model.config, base.inputs)) if rule is not None else []
+    previous = -1
+    for first, last in blocks:
+        if not previous < first <= last < seq_len:
+            return None, (f"the {vlm.family} adapter's blocks of positions attending both ways {blocks} are not "
+                          f"disjoint ranges of the {seq_len} positions")
+        previous = last
+    return blocks, ""
+
+
+def _no_prefix(vlm, state: LMStart) -> str:
+    """Why no prefix of positions can be reused before a patch ("" when some can)."""
+    if state.answer_at == 0:
+        return "the answer is predicted at position 0, so no prefix precedes it"
+    for first, last in state.blocks:
+        if first == 0 and last >= state.answer_at:
+            return (f"the {vlm.family} LM attends both ways over positions 0..{last}, which hold the answer position "
+                    "(a prefix LM): a patch at any of them changes all the others, so every run starts at position 0")
+    return ""

@@ -9,14 +9,14 @@ when replaying applies and checks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import compat
-from ..adapters.base import Replay
+from ..adapters.base import Replay, soft_cap
 from ..hooks import Hook, primary_tensor
 
 UNSET = Replay("constant")  # how a keyword the adapter does not list is replayed: it may only be None
@@ -44,6 +44,10 @@ class LMStart:
     reference: torch.Tensor | None = None  # the base run's answer logits (vocab,)
     kv_reuse: bool = False
     why_no_kv: str = ""
+    # blocks of positions (first, last) that attend to each other both ways (Adapter.attention_blocks): a patch inside
+    # one changes its earlier positions, so restarts and spans never cut through a block
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+    softcap: float | None = None  # the final-logit soft cap after the tail (Tower.softcap)
 
     @property
     def seq_len(self) -> int:
@@ -61,11 +65,13 @@ class LMStart:
         """Whether restoring a cell (earliest ``layer``, ``positions``) provably leaves the answer logits as they are.
 
         A component's output at position ``p`` of a causal decoder reaches other positions
-        only through the attention of later layers, so positions after the answer never
-        matter, and at the last layer only the answer position does, unless the cell is
-        ``spread`` (sites on several layers, or a layer's input, which that layer's attention reads).
+        only through the attention of later layers, so positions after the answer (and after
+        the block of positions attending both ways that holds it) never matter, and at the
+        last layer only the answer position does, unless the cell is ``spread`` (sites on
+        several layers, or a layer's input, which that layer's attention reads).
         """
-        if min(positions) > self.answer_at:
+        horizon = max([self.answer_at] + [last for first, last in self.blocks if first <= self.answer_at <= last])
+        if min(positions) > horizon:
             return True
         return not spread and layer == len(self.layers) - 1 and self.answer_at not in positions
 
@@ -74,12 +80,34 @@ class LMStart:
         start, n = self.start_position(position), len(self.layers)
         if span_end is None:
             return rows * (n - layer) * (self.seq_len - start)
-        stop = max(span_end, self.answer_at if layer == n - 1 else span_end) + 1
-        return rows * ((stop - start) + (n - layer - 1) * (self.seq_len - start))
+        return rows * ((self.span_stop(layer, span_end) - start) + (n - layer - 1) * (self.seq_len - start))
 
     def start_position(self, position: int) -> int:
-        """First position a run must compute when the earliest patched position is ``position``."""
-        return min(position, self.answer_at) if self.kv_reuse else 0
+        """First position a run must compute when the earliest patched position is ``position``.
+
+        Without key/value reuse, 0. With it, the patched position (or the answer's, if earlier),
+        moved back to the first position of a block attending both ways that holds it: a patch
+        inside a block changes the block's earlier positions too.
+        """
+        if not self.kv_reuse:
+            return 0
+        start = min(position, self.answer_at)
+        for first, last in self.blocks:
+            if first < start <= last:
+                start = first
+        return start
+
+    def span_stop(self, layer: int, span_end: int) -> int:
+        """End (exclusive) of the positions a one-layer run at ``layer`` computes for patches up to ``span_end``.
+
+        The span reaches the answer at the last layer, and the end of any block attending both
+        ways that it cuts through (the block's earlier positions read its later keys).
+        """
+        stop = max(span_end, self.answer_at if layer == len(self.layers) - 1 else span_end) + 1
+        for first, last in self.blocks:
+            if first < stop <= last:
+                stop = last + 1
+        return stop
 
     def logits(self, rows: int, layer: int, position: int = 0, span_end: int | None = None) -> torch.Tensor:
         """Answer logits (rows, vocab) of ``rows`` copies of the base run restarted at ``layer``, ``position``.
@@ -94,7 +122,7 @@ class LMStart:
         if span_end is None:
             hidden, first = self.inputs[layer].hidden[:, start:].repeat(rows, 1, 1), layer
         else:
-            stop = max(span_end, self.answer_at if layer == len(self.layers) - 1 else span_end) + 1
+            stop = self.span_stop(layer, span_end)
             span = self._run(layer, self.inputs[layer].hidden[:, start:stop].repeat(rows, 1, 1), rows, start, stop)
             hidden, first = self.inputs[layer + 1].hidden[:, start:].repeat(rows, 1, 1), layer + 1
             hidden[:, :stop - start] = span
@@ -104,7 +132,7 @@ class LMStart:
         hidden = hidden[:, at:at + 1]
         for module in self.tail:
             hidden = primary_tensor(module(hidden), type(module).__name__)
-        return hidden[:, 0]
+        return soft_cap(hidden, self.softcap)[:, 0]
 
     def _run(self, j: int, hidden: torch.Tensor, rows: int, start: int, stop: int) -> torch.Tensor:
         """Layer ``j`` on ``hidden`` (positions ``start..stop-1``), earlier keys and values from the base run.
