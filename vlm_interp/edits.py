@@ -36,6 +36,8 @@ class InputEdit:
     the edit expects. With ``exact_length`` the size must match (image-feature tensors);
     otherwise longer inputs are fine (prompt plus answer tokens) and shorter calls after the
     first application pass through unchanged (the single-token steps of cached generation).
+    ``packed``: the module's tensor has no batch axis, its rows' positions follow each other
+    (``length`` each; see :class:`~vlm_interp.hooks.Hook`).
     """
 
     module: str
@@ -45,6 +47,7 @@ class InputEdit:
     length: int
     exact_length: bool = True
     label: str = "noise"
+    packed: bool = False
 
     def hook(self) -> Hook:
         """A fresh :class:`~vlm_interp.hooks.Hook` that adds the noise (state is per hook)."""
@@ -52,6 +55,9 @@ class InputEdit:
         index = list(self.index)
 
         def add(t: torch.Tensor) -> torch.Tensor | None:
+            if self.packed and t.dim() == 3 and t.shape[0] == 1 and self.exact_length and t.shape[1] > self.length \
+                    and t.shape[1] % self.length == 0:
+                return add(t.reshape(t.shape[1] // self.length, self.length, t.shape[2])).reshape(t.shape)
             if t.dim() < 3 or t.shape[-1] != self.noise.shape[-1]:
                 raise CorruptionError(
                     f"{self.label} at {self.module!r} expects (batch, positions, {self.noise.shape[-1]}) "
@@ -80,7 +86,7 @@ class InputEdit:
             fired[0] = True
             return t
 
-        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}")
+        return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}", packed=self.packed)
 
 
 _ACTIVE: set[tuple[int, int]] = set()  # (model, example) pairs whose edits are attached right now

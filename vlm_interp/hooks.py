@@ -42,7 +42,9 @@ class Hook:
     ``grad=True``. ``channels`` restricts both to a slice of the last dimension (one
     attention head of an output projection's input). ``allow_unused=True`` opts out of the
     never-fired check. With ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call
-    and its return value is ignored: it observes, it never edits.
+    and its return value is ignored: it observes, it never edits. ``packed=True`` is for modules
+    whose tensor has no batch axis (the positions of every batch row concatenated on axis 0, as in
+    Qwen's vision tower): ``fn`` and the capture see a 2-D tensor as ``(1, positions, width)``.
     """
 
     module: str
@@ -53,6 +55,7 @@ class Hook:
     allow_unused: bool = False
     name: str | None = None
     channels: slice | None = None
+    packed: bool = False
     calls: int = field(default=0, init=False)
     captured: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
 
@@ -80,6 +83,14 @@ class Hook:
 
     def _process(self, full: torch.Tensor) -> torch.Tensor:
         """Run the edit and the capture on one call; returns the tensor that flows on."""
+        if self.packed and full.dim() == 2:
+            view = full.unsqueeze(0)
+            out = self._process_batched(view)
+            # what flows on derives from the view when a gradient is kept, so that the gradient reaches the capture
+            return full if out is view and not self.grad else out.squeeze(0)
+        return self._process_batched(full)
+
+    def _process_batched(self, full: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.channels is not None and full.shape[-1] < (self.channels.stop or 0):
             raise UnsupportedOutputError(

@@ -187,10 +187,12 @@ class VLM:
 
     def _fill_groups(self, ex: Example) -> None:
         spec = self.adapter.adapter
-        grid = self._vision_grid()
-        vision_n = grid[0] * grid[1]
-        ex.groups["vision"] = {"image": list(range(1, 1 + vision_n)), "cls": [0]}
-        ex.boxes["vision"] = dict(zip(range(1, 1 + vision_n), self._frame_boxes(ex, grid)))
+        frame = self._vision_boxes(ex)
+        ex.groups["vision"] = {"image": [p for p, b in enumerate(frame) if b is not None]}
+        cls = [p for p, b in enumerate(frame) if b is None]
+        if cls:
+            ex.groups["vision"]["cls"] = cls
+        ex.boxes["vision"] = {p: b for p, b in enumerate(frame) if b is not None}
         if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
             spans = self._text_alignment(self.tokenizer, ex.prompt, ids, None)
@@ -212,7 +214,7 @@ class VLM:
             "last": [len(ids) - 1],
         }
         ex.tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, grid)
+        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, [b for b in frame if b is not None])
         if "qformer" in self.adapter.n_layers:
             n_query = self.model.config.num_query_tokens
             groups = {"image": list(range(n_query))}
@@ -223,21 +225,22 @@ class VLM:
                 groups["text"] = [n_query + p for p in range(len(qids))]
             ex.groups["qformer"] = groups
 
-    def _vision_grid(self) -> tuple[int, int]:
+    def _vision_boxes(self, ex: Example) -> list:
+        """The box of every vision-tower position (None: no patch), from the adapter or the square-grid default."""
+        spec = self.adapter.adapter
+        if spec.vision_boxes is not None:
+            return list(spec.vision_boxes(self.model.config, ex.inputs, ex.image_hw))
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
-        return side, side
+        return [None] + geometry.frame_cells(self.processor.image_processor, ex.image_hw, (side, side),
+                                             squash=spec.squashed_frame)
 
-    def _frame_boxes(self, ex: Example, grid: tuple[int, int]) -> list:
-        return geometry.frame_cells(self.processor.image_processor, ex.image_hw, grid,
-                                    squash=self.adapter.adapter.squashed_frame)
-
-    def _lm_image_boxes(self, ex: Example, image_pos: list[int], grid: tuple[int, int]) -> dict:
+    def _lm_image_boxes(self, ex: Example, image_pos: list[int], frame: list) -> dict:
         """Boxes for the LM's image tokens, from the adapter's layout (Q-Former queries have none)."""
         layout = self.adapter.adapter.lm_image_boxes
         if layout is None:
             return {}
-        boxes = layout(self.model.config, ex.image_hw, self._frame_boxes(ex, grid))
+        boxes = layout(self.model.config, ex.image_hw, frame, ex.inputs)
         if len(boxes) != len(image_pos):
             raise ImageTokenMismatchError(
                 f"{len(image_pos)} image tokens but the {self.family} layout describes {len(boxes)}"
@@ -316,7 +319,7 @@ class VLM:
         """Model inputs that also feed the answer (all but its last token) for whole-answer scoring."""
         inputs = dict(ex.inputs)
         extra = torch.tensor([(answer_ids or [])[:-1]], dtype=torch.long, device=self.device)
-        return self.decoder.with_answer(self.model, inputs, extra)
+        return self.decoder.with_answer(self.model, inputs, extra, self.adapter.adapter.token_inputs)
 
     def answer_start(self, ex: Example) -> int:
         """Position of the logits that predict the first answer token."""

@@ -76,6 +76,19 @@ class Tower:
     # positions (the key/value cache is found by type, not listed). Any other keyword with a value
     # makes the fast path decline. Families with other position encodings extend it (M-RoPE ids).
     replay: dict[str, Replay] = field(default_factory=dict)
+    # Batch layout of its tensors. "batch": (batch, positions, width). "packed": (positions, width) with the positions
+    # of every image of a batch concatenated on axis 0 and no batch axis (Qwen's vision tower, whose attention keeps
+    # the images apart with cu_seqlens, so rows of a batch never mix); hooks show such a tensor as (1, positions, width)
+    # and batched runs as rows of equal length.
+    layout: Literal["batch", "packed"] = "batch"
+    # Layers after whose output the model adds features to the residual stream outside the layer modules (Qwen3-VL's
+    # DeepStack adds vision features at image positions): there TOWER.hidden.L (the layer's output) and
+    # TOWER.input.L+1 (what the next layer reads) differ. The fast tracing path replays the recorded additions.
+    added_after: tuple[int, ...] = ()
+
+    @property
+    def packed(self) -> bool:
+        return self.layout == "packed"
 
 
 @dataclass(frozen=True)
@@ -89,11 +102,22 @@ class Adapter:
     default_template: str  # prompt template with {question}; contains the image placeholder if needed
     image_in_lm: bool  # image (or query) tokens are placeholder positions in the LM input_ids
     image_tokens: Callable[[Any, dict], int] | None = None  # expected image-token count
+    # the box each vision-tower position covers (None: no patch, as a CLS token), from (config, processor outputs,
+    # image (height, width)); None: a CLS token, then the square grid of vision_config.image_size // patch_size
+    # patches over the processor's frame (CLIP, BLIP). Families whose patch count follows the image size give it.
+    vision_boxes: Callable[[Any, dict, tuple[int, int]], list] | None = None
+    # processors that flatten the patches into rows of pixel_values: the row holding each vision position's pixels, from
+    # (config, processor outputs); None: pixel_values is an image cut into patch_size squares in row-major order
+    pixel_rows: Callable[[Any, dict], list[int]] | None = None
     image_placeholder: bool = False  # the prompt holds one image placeholder, which the processor expands
     squashed_frame: bool = False  # the image processor resizes the whole image to its square frame (no crop)
     # the box each LM image token covers (None: no patch, e.g. CLS or a row's newline), from (config, image (height,
-    # width), the vision tower's patch boxes in row-major order); None where the LM's image tokens cover no region
-    lm_image_boxes: Callable[[Any, tuple[int, int], list], list] | None = None
+    # width), the vision tower's patch boxes in its position order, processor outputs); None where the LM's image
+    # tokens cover no region
+    lm_image_boxes: Callable[[Any, tuple[int, int], list, dict], list] | None = None
+    # processor outputs that run along input_ids, one value per token (Qwen's mm_token_type_ids), with the value
+    # they take at text tokens: whole-answer scoring appends answer tokens to input_ids, and to these
+    token_inputs: dict[str, int] = field(default_factory=dict)
     logits_module: str | None = None  # module whose output carries the answer logits (BLIP)
     # the tower whose image tokens are the image's patches one for one, in row-major order (input-attribution
     # baselines report patch maps on it); None where no tower's are (LLaVA-NeXT's come from several tiled views)
@@ -141,6 +165,9 @@ class BoundAdapter:
                         resolve_module(self.model, path)
                     except ModuleNotFoundInModelError as err:
                         problems.append(f"{name}.tail: {err}")
+            late = [j for j in tower.added_after if not 0 <= j < len(layers)]
+            if late:
+                problems.append(f"{name}.added_after: layers {late} do not exist")
             for component in tower.components:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
@@ -169,6 +196,10 @@ class BoundAdapter:
                 f"{self.adapter.family} models have no {tower!r} tower; towers: {list(self.adapter.towers)}"
             )
         return self.adapter.towers[tower]
+
+    def packed(self, tower: str) -> bool:
+        """Whether ``tower``'s tensors are packed (no batch axis; see :class:`Tower`)."""
+        return self._tower(tower).packed
 
     def module_path(self, tower: str, component: str, layer: int) -> str:
         """Dotted path of the module holding ``component`` at ``layer`` (may not exist on every layer)."""
@@ -276,6 +307,7 @@ class BoundAdapter:
             allow_unused=allow_unused,
             name=site.name,
             channels=channels,
+            packed=self._tower(site.tower).packed,
         )
 
     def describe(self) -> str:

@@ -35,11 +35,20 @@ class CausalDecoder:
             )
         return full[len(prompt_ids):]
 
-    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
-        """``inputs`` that also feed ``extra`` answer tokens (1, n) after the prompt."""
+    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor,
+                    token_inputs: dict[str, int] | None = None) -> dict:
+        """``inputs`` that also feed ``extra`` answer tokens (1, n) after the prompt.
+
+        ``token_inputs`` (the adapter's) name other inputs that run along the tokens; they grow
+        by the value they take at text tokens.
+        """
         if extra.shape[1]:
             inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+            for key, fill in (token_inputs or {}).items():
+                if key in inputs:
+                    grow = torch.full_like(extra, fill, dtype=inputs[key].dtype)
+                    inputs[key] = torch.cat([inputs[key], grow], dim=1)
         return inputs
 
     def logits(self, model: nn.Module, inputs: dict, logits_module: str | None) -> torch.Tensor:
@@ -68,7 +77,8 @@ class BlipDecoder:
     def _start(self, model: nn.Module, rows: int, device) -> torch.Tensor:
         return torch.full((rows, 1), model.decoder_start_token_id, dtype=torch.long, device=device)
 
-    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor) -> dict:
+    def with_answer(self, model: nn.Module, inputs: dict, extra: torch.Tensor,
+                    token_inputs: dict[str, int] | None = None) -> dict:
         inputs["decoder_input_ids"] = torch.cat([self._start(model, 1, extra.device), extra], dim=1)
         return inputs
 

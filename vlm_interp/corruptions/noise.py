@@ -99,7 +99,7 @@ def place_values(vlm, ex: Example, place: str) -> torch.Tensor:
     if place == "pixels":
         return ex.inputs["pixel_values"].detach().float().flatten()
     p = place_of(vlm, place)
-    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values")
+    grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values", packed=vlm.adapter.packed(p.tower))
     with Hooks(vlm.model, [grab]), torch.no_grad():
         vlm.logits(ex.inputs)
     value = grab.value
@@ -191,11 +191,11 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         vision_image = ex.positions("image", "vision")
         bad = [p for p in positions if p not in set(vision_image)]
         if bad:
-            raise CorruptionError(f"vision positions {bad} are not image patches (position 0 is the CLS token, "
-                                  f"which has no pixels); patches are {vision_image[0]}..{vision_image[-1]}")
+            raise CorruptionError(f"vision positions {bad} are not image patches (a CLS token has no pixels); "
+                                  f"patches are {vision_image[0]}..{vision_image[-1]}")
         _check_tiled(ex, vision_image, positions, place)
         pixels = ex.inputs["pixel_values"]
-        mask = _pixel_mask(vlm, pixels, vision_image, positions)
+        mask = _pixel_mask(vlm, pixels, vision_image, positions, ex.inputs)
         delta = _noise_tensor(tuple(pixels.shape), amount, seed) * mask
         record.update(tower="vision", positions=positions)
         corrupted = (pixels.float() + delta.to(pixels.device)).to(pixels.dtype)
@@ -205,12 +205,12 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
     image = ex.positions("image", p.tower) if "image" in ex.groups.get(p.tower, {}) else []
     hidden = int(reduce(getattr, p.hidden.split("."), vlm.model.config))
     rows = 1
-    if p.tower == "vision":  # BLIP's vision output or patch embeddings: CLS + patches
-        length = 1 + len(image)
+    if p.tower == "vision":  # BLIP's vision output or patch embeddings: (CLS +) patches
+        length = len(image) + len(ex.groups["vision"].get("cls", []))
         bad = [q for q in positions if not 0 <= q < length]
         if bad:
             raise CorruptionError(f"vision positions {bad} are out of range; the vision sequence has positions "
-                                  f"0..{length - 1} (0 is CLS)")
+                                  f"0..{length - 1} (patches: {image[0]}..{image[-1]})")
         index, exact = positions, True
         if place == "patches":
             _check_tiled(ex, image, positions, place)
@@ -227,13 +227,27 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         else:
             index, length, exact = positions, ex.inputs["input_ids"].shape[1], False
     edit = InputEdit(p.module, p.kind, tuple(index), _noise_tensor((rows, len(index), hidden), amount, seed),
-                     length, exact, label=f"noise ({place}, seed {seed})")
+                     length, exact, label=f"noise ({place}, seed {seed})", packed=vlm.adapter.packed(p.tower))
     record.update(tower=p.tower, positions=positions, module=p.module)
     return ex.derive(edits=[*ex.edits, edit], meta={**ex.meta, "corruption": record})
 
 
-def _pixel_mask(vlm, pixels: torch.Tensor, vision_image: list[int], positions: list[int]) -> torch.Tensor:
-    """1 on the pixels of the chosen patches (row-major grid, CLS excluded), 0 elsewhere."""
+def _pixel_mask(vlm, pixels: torch.Tensor, vision_image: list[int], positions: list[int],
+                inputs: dict | None = None) -> torch.Tensor:
+    """1 on the pixels of the chosen patches (row-major grid, CLS excluded), 0 elsewhere.
+
+    Processors that flatten the patches into rows of ``pixel_values`` (the adapter's ``pixel_rows``
+    says which row holds each vision position) get a mask of those rows.
+    """
+    pixel_rows = vlm.adapter.adapter.pixel_rows
+    if pixel_rows is not None:
+        order = pixel_rows(vlm.model.config, inputs or {})
+        if pixels.dim() != 2 or len(order) != pixels.shape[0] or len(order) != len(vision_image):
+            raise CorruptionError(f"pixel_values of shape {tuple(pixels.shape)} do not hold one row per vision "
+                                  f"patch ({len(vision_image)} patches)")
+        mask = torch.zeros(pixels.shape[0], 1)
+        mask[[order[vision_image.index(q)] for q in positions]] = 1.0
+        return mask
     patch = int(vlm.model.config.vision_config.patch_size)
     h, w = pixels.shape[-2:]
     rows, cols = h // patch, w // patch
