@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnknownArchitectureError
-from . import blip, blip2, llava, llava_next
+from . import blip, blip2, llava, llava_next, qwen_vl
 from .base import Adapter, BoundAdapter, Tower
 
 # model class name -> function building that family's adapter from the model config
@@ -17,6 +17,9 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
     **{c: blip.build for c in blip.MODEL_CLASSES},
     **{c: blip2.build_blip2 for c in blip2.BLIP2_CLASSES},
     **{c: blip2.build_instructblip for c in blip2.INSTRUCTBLIP_CLASSES},
+    **{c: qwen_vl.build_qwen2 for c in qwen_vl.QWEN2_CLASSES},
+    **{c: qwen_vl.build_qwen2_5 for c in qwen_vl.QWEN2_5_CLASSES},
+    **{c: qwen_vl.build_qwen3 for c in qwen_vl.QWEN3_CLASSES},
 }
 
 HOW_TO_ADD = (

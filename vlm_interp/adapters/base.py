@@ -321,5 +321,8 @@ class BoundAdapter:
                 f"  {name:8s} {self.n_layers[name]} layers, {self.n_heads[name]} heads"
                 + (f" ({self.n_kv_heads[name]} kv)" if self.n_kv_heads[name] != self.n_heads[name] else "")
                 + f": {comps}"
+                + ("; packed positions, no batch axis" if tower.packed else "")
+                + (f"; features added to the residual stream after layers {list(tower.added_after)} (so "
+                   "hidden.L and input.L+1 differ there)" if tower.added_after else "")
             )
         return "\n".join(lines)

@@ -34,6 +34,7 @@ def register(*families: str):
 # Family modules register themselves; the order here is the order of FAMILIES.
 from . import llava  # noqa: E402,I001
 from . import blip  # noqa: E402,I001
+from . import qwen  # noqa: E402,I001
 
 FAMILIES = tuple(BUILDERS)
 

@@ -160,7 +160,8 @@ def _params_require_grad(model: torch.nn.Module) -> Iterator[None]:
 
 def _base_gradients(vlm, plan: _Plan, slots: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
     """Base-run activations at ``slots`` and the metric's gradient there (None: the answer ignores it)."""
-    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}")
+    packed = vlm.adapter.packed(plan.tower)
+    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}", packed=packed)
              for slot in slots}
     with torch.enable_grad(), _params_require_grad(vlm.model), applied(vlm, plan.base), vlm.hooks(hooks.values()):
         logits = vlm.logits(plan.base.inputs)
@@ -172,7 +173,9 @@ def _base_gradients(vlm, plan: _Plan, slots: Sequence[tuple[str, str]]) -> tuple
 
 def _source_values(vlm, plan: _Plan, slots: Sequence[tuple[str, str]]) -> dict:
     """Source-run activations at ``slots`` (whole tensors, also for head components); one forward."""
-    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}") for slot in slots}
+    packed = vlm.adapter.packed(plan.tower)
+    hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}", packed=packed)
+             for slot in slots}
     with torch.no_grad(), applied(vlm, plan.source), vlm.hooks(hooks.values()):
         vlm.logits(plan.source.inputs)
     return {s: hooks[s].value for s in slots}
@@ -348,6 +351,10 @@ def integrated_patching(vlm, clean: Example, corrupt: Example,
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     plan = _plan(vlm, clean, corrupt, components, tokens, window, metric, answer, other, direction,
                  "integrated_patching")
+    if vlm.adapter.packed(plan.tower):
+        raise SiteError(f"the {plan.tower} tower of {vlm.family} packs the positions of a batch's rows on one axis "
+                        "(no batch axis), and captum's layer attribution treats the first axis as the batch; use "
+                        "attribution_patching or trace for this tower")
     plan.attrs.update(steps=steps, ig_method=method)
     for comp in plan.comps:
         _check_projection(vlm, plan, comp)
