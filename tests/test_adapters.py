@@ -23,12 +23,16 @@ VIT = {"attn": ("layer_norm2", "input"), "mlp": ("", "output")}
 BERT = {"attn": ("attention.output.LayerNorm", "input"), "xattn": ("crossattention.output.LayerNorm", "input"),
         "mlp": ("output.LayerNorm", "input")}
 QFORMER = {**BERT, "mlp": ("output_query.LayerNorm", "input")}
+QWEN_VIT = {"attn": ("norm2", "input"), "mlp": ("", "output")}
 RESIDUAL_AFTER = {
     "llava": {"vision": VIT, "lm": LLAMA},
     "llava_next": {"vision": VIT, "lm": LLAMA},
     "blip": {"vision": VIT, "text": BERT, "lm": BERT},
     "blip2": {"vision": VIT, "qformer": QFORMER, "lm": LLAMA},
     "instructblip": {"vision": VIT, "qformer": QFORMER, "lm": LLAMA},
+    "qwen2_vl": {"vision": QWEN_VIT, "lm": LLAMA},
+    "qwen2_5_vl": {"vision": QWEN_VIT, "lm": LLAMA},
+    "qwen3_vl": {"vision": QWEN_VIT, "lm": LLAMA},
 }
 # The modules that turn the last LM hidden state into logits.
 FINAL = {
@@ -37,9 +41,16 @@ FINAL = {
     "blip2": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "instructblip": lambda m, h: m.language_model.lm_head(m.language_model.model.norm(h)),
     "blip": lambda m, h: m.text_decoder.cls(h),
+    **{f: lambda m, h: m.lm_head(m.model.language_model.norm(h)) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
 }
 VISION_MODULE = {"llava": "model.vision_tower", "llava_next": "model.vision_tower", "blip": "vision_model",
-                 "blip2": "vision_model", "instructblip": "vision_model"}
+                 "blip2": "vision_model", "instructblip": "vision_model",
+                 **{f: "model.visual" for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}}
+
+
+def batched(t: torch.Tensor) -> torch.Tensor:
+    """A packed tower's (positions, width) tensor as one batch row, as the library shows it."""
+    return t[None] if t.dim() == 2 else t
 
 
 def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.hooks.RemovableHandle]:
@@ -48,11 +59,11 @@ def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.
     module = model.get_submodule(path)
     if kind == "input":
         def pre(mod, args, kwargs):
-            store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            store.append(batched((args[0] if args else kwargs["hidden_states"]).detach().clone()))
         return store, module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod, args, out):
-        store.append((out if torch.is_tensor(out) else out[0]).detach().clone())
+        store.append(batched((out if torch.is_tensor(out) else out[0]).detach().clone()))
     return store, module.register_forward_hook(post)
 
 
@@ -202,13 +213,16 @@ def test_a_hook_that_never_fires_raises(vlm, image):
     vision = vlm.model.get_submodule(VISION_MODULE[vlm.family])
     pixels = ex.inputs["pixel_values"]
     pixels = pixels[0] if pixels.dim() == 5 else pixels  # LLaVA-NeXT stacks crops per image
+    # Qwen's vision tower takes flattened patches and their grid
+    call = {"hidden_states": pixels, "grid_thw": ex.inputs["image_grid_thw"]} if "image_grid_thw" in ex.inputs \
+        else {"pixel_values": pixels}
     with pytest.raises(HookNeverFiredError, match="lm.hidden.0"):
         with vlm.hooks([vlm.hook("vision.hidden.0", capture=True), vlm.hook("lm.hidden.0", capture=True)]):
             with torch.no_grad():
-                vision(pixel_values=pixels)
+                vision(**call)
     with vlm.hooks([vlm.hook("lm.hidden.0", capture=True, allow_unused=True)]):
         with torch.no_grad():
-            vision(pixel_values=pixels)
+            vision(**call)
 
 
 def test_unknown_sites_are_clear_errors(vlm):
@@ -217,7 +231,7 @@ def test_unknown_sites_are_clear_errors(vlm):
     with pytest.raises(SiteError, match="head out of range"):
         vlm.hook("lm.head.0.99", capture=True)
     with pytest.raises(SiteError, match="no 'qformer' tower|no component"):
-        vlm.hook("qformer.attn.0" if vlm.family in ("llava", "llava_next", "blip") else "lm.xattn.0", capture=True)
+        vlm.hook("qformer.attn.0" if "qformer" not in vlm.adapter.towers() else "lm.xattn.0", capture=True)
     if vlm.family in ("blip2", "instructblip"):
         with pytest.raises(SiteError, match="layers that have it: \\[0\\]"):
             vlm.hook("qformer.xattn.1", capture=True)

@@ -23,6 +23,10 @@ CASES = {
     "blip2": [("qformer", "xattn", "each"), ("qformer", "xattn_head", ["image"]), ("lm", "attn", "each")],
     "instructblip": [("qformer", "attn", "each"), ("lm", "head", ["image"]), ("lm", "mlp", "each"),
                      ("qformer", "input", ["image"])],
+    "qwen2_vl": [("lm", "attn", ["image", "last"]), ("vision", "hidden", ["image"])],
+    "qwen2_5_vl": [("lm", "hidden", ["image", "question", "last"]), ("lm", "head", ["image", "last"]),
+                   ("vision", "mlp", {f"patch {p}": [p] for p in (0, 13, 37, 63)}), ("vision", "head", ["image"])],
+    "qwen3_vl": [("lm", "input", ["image", "question", "last"]), ("vision", "attn", ["image"])],
 }
 
 
@@ -56,7 +60,10 @@ def plain_gradient_estimate(vlm, clean, corrupt, tower, component, layer, answer
     act = bad_store[0].detach()
     if grad is None:
         grad = torch.zeros_like(act)
-    return ((clean_store[0] - act) * grad).sum(0)  # (positions, channels), summed over sub-rows (tiles)
+    product = (clean_store[0] - act) * grad
+    if product.dim() == 2:  # a packed tower (Qwen's vision tower): (positions, channels) already
+        return product
+    return product.sum(0)  # (positions, channels), summed over sub-rows (tiles)
 
 
 def test_estimate_equals_a_plain_autograd_computation(vlm, image, other_image):

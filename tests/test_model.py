@@ -35,7 +35,8 @@ def test_groups_partition_the_lm_sequence(vlm, image):
 def test_object_group_on_an_unresized_image(vlm, image):
     """32x32 images are not resized: the box (8, 8, 16, 16) is exactly patch (1, 1) of the 4x4 grid."""
     ex = vlm.prepare(image, QUESTION, region=(8, 8, 16, 16))
-    assert ex.groups["vision"]["object"] == [1 + 5]  # CLS first
+    if "cls" in ex.groups["vision"]:
+        assert ex.groups["vision"]["object"] == [1 + 5]  # CLS first
     if vlm.family == "llava":
         assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][5]]
     if vlm.family == "llava_next":
@@ -44,6 +45,14 @@ def test_object_group_on_an_unresized_image(vlm, image):
         assert ex.groups["lm"]["object"] == [image_pos[5], image_pos[16 + 1 * 5 + 1]]
     if vlm.family in ("blip", "blip2", "instructblip"):
         assert "object" not in ex.groups["lm"]
+    if vlm.family.startswith("qwen"):
+        # 4-pixel patches: the box is patches (2..3, 2..3), merged 2 x 2 into block (1, 1) = block 5 of the 4 x 4 LM grid
+        assert ex.groups["lm"]["object"] == [ex.groups["lm"]["image"][5]]
+        # the vision tower holds block 5's four patches together: at 5 * 4 in row-major block order, at 3 * 4 in
+        # Qwen2.5-VL's window order (2 x 2-block windows: blocks 0, 1, 4, 5 come first)
+        first = 12 if vlm.family == "qwen2_5_vl" else 20
+        assert ex.groups["vision"]["object"] == list(range(first, first + 4))
+        return
 
 
 def test_object_group_undoes_resize_and_centre_crop():
@@ -88,6 +97,8 @@ def test_scores_equal_a_plain_token_by_token_loop(vlm, image):
             else:
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], done], 1)
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                if "mm_token_type_ids" in inputs:  # Qwen: answer tokens are text (type 0)
+                    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], 0 * done], 1)
             logp = torch.log_softmax(_manual_first_logits(vlm, inputs), -1)[token].item()
             if i == 0:
                 assert score.first_logprob == pytest.approx(logp, abs=1e-5)
@@ -125,16 +136,17 @@ def test_bad_answers_are_named(vlm, image):
 
 
 def test_prompt_placeholder_rules(vlm, image):
-    if vlm.family in ("llava", "llava_next"):
+    placeholder = vlm.image_token or "<image>"
+    if vlm.adapter.adapter.image_placeholder:
         with pytest.raises(PromptError, match="0 times"):
             vlm.prepare(image, QUESTION, template="USER: {question} ASSISTANT:")
         with pytest.raises(PromptError, match="2 times"):
-            vlm.prepare(image, QUESTION, template="<image> <image> {question}")
+            vlm.prepare(image, QUESTION, template=f"{placeholder} {placeholder} {{question}}")
     else:
         with pytest.raises(PromptError, match="adds the image tokens itself"):
-            vlm.prepare(image, QUESTION, template="<image> {question}")
+            vlm.prepare(image, QUESTION, template=f"{placeholder} {{question}}")
     with pytest.raises(PromptError, match="no '\\{question\\}'"):
-        vlm.prepare(image, QUESTION, template="USER: <image> ASSISTANT:")
+        vlm.prepare(image, QUESTION, template=f"USER: {placeholder} ASSISTANT:")
 
 
 @pytest.mark.parametrize("family, setting, value", [
