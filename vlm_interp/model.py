@@ -186,7 +186,6 @@ class VLM:
         return sorted(p for p, (a, b) in spans.items() if b > a and a < end and b > start)
 
     def _fill_groups(self, ex: Example) -> None:
-        spec = self.adapter.adapter
         frame = self._vision_boxes(ex)
         ex.groups["vision"] = {"image": [p for p, b in enumerate(frame) if b is not None]}
         cls = [p for p, b in enumerate(frame) if b is None]
