@@ -25,9 +25,10 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
 HOW_TO_ADD = (
     "To add a family, write vlm_interp/adapters/<family>.py with a build(config) -> Adapter that gives its towers "
     "(layer list path, component table, head-count config key; for the answer LM its tail and the keywords the "
-    "fast path may replay), its decoder kind, default prompt template and image-token facts (placeholder, count, "
-    "the boxes LM image tokens cover), its vision root and noise places, and register its model class in "
-    "vlm_interp/adapters/__init__.py:REGISTRY."
+    "fast path may replay; a tower without a batch axis or with features added between its layers says so), its "
+    "decoder kind, default prompt template and image-token facts (placeholder, count, the boxes vision positions "
+    "and LM image tokens cover, inputs that run along the tokens), its vision root and noise places, and register "
+    "its model class in vlm_interp/adapters/__init__.py:REGISTRY."
 )
 
 
