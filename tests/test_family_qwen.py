@@ -102,6 +102,11 @@ def test_pairs_of_different_image_sizes_are_refused(qwen25):
     corrupt = qwen25.prepare(picture(48, 32, seed=1), QUESTION, answer="yes")
     with pytest.raises(CorruptionError, match="use the same image size"):
         trace(qwen25, clean, corrupt, components=["lm.hidden"], tokens=["last"], progress=False)
+    # the same number of tokens from a transposed image still lays them out on another grid
+    wide, tall = qwen25.prepare(picture(48, 32), QUESTION, answer="yes"), qwen25.prepare(picture(32, 48), QUESTION)
+    assert wide.inputs["input_ids"].shape == tall.inputs["input_ids"].shape
+    with pytest.raises(CorruptionError, match="use the same image size.*24 vs 24 image tokens"):
+        trace(qwen25, wide, tall, components=["lm.hidden"], tokens=["last"], progress=False)
 
 
 # ---- M-RoPE state -----------------------------------------------------------------------------

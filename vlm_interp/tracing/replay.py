@@ -1,8 +1,9 @@
 """The LM's recorded layer inputs, and their replay from a layer and a position (the fast path's data).
 
 :class:`LMStart` holds what the base run passed to every decoder layer (hidden states, the keywords
-the adapter's ``Tower.replay`` table describes, the key/value cache found by type) and cuts them for
-a batch of cells that start at layer ``l`` and position ``p``; the functions below record them with
+the adapter's ``Tower.replay`` table describes, the key/value cache found by type, and what the model
+adds to the residual stream between layers outside them where the adapter's ``Tower.added_after`` says
+so) and cuts them for a batch of cells that start at layer ``l`` and position ``p``; the functions below record them with
 the hook engine and say, in words, what cannot be replayed. :mod:`~vlm_interp.tracing.fast` decides
 when replaying applies and checks it.
 """
