@@ -251,9 +251,9 @@ def test_head_divergence_uses_the_models_positions(qwen25):
 def test_pope_on_two_images_and_compare_across_families(tmp_path):
     from vlm_interp.hallucination.compare import compare
 
-    result = compare(["tiny:qwen2_5_vl", "tiny:qwen3_vl", "tiny:llava"], n_images=2, splits=["random"], out=tmp_path,
-                     n_boot=20, max_new_tokens=2, progress=False)
-    assert set(result.table["system"]) == {"tiny:qwen2_5_vl", "tiny:qwen3_vl", "tiny:llava"}
+    systems = ["tiny:qwen2_5_vl", "tiny:qwen2_vl", "tiny:qwen3_vl", "tiny:llava"]
+    result = compare(systems, n_images=2, splits=["random"], out=tmp_path, n_boot=20, max_new_tokens=2, progress=False)
+    assert set(result.table["system"]) == set(systems)
     assert (result.table["n"] > 0).all() and result.table["accuracy"].between(0, 1).all()
     assert len(result.tests) > 0
 
