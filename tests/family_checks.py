@@ -213,5 +213,5 @@ def check_different_image_sizes_are_refused(vlm, image) -> None:
     clean = vlm.prepare(image, QUESTION, answer="yes")
     wide = image.resize((image.width * 2, image.height))
     other = vlm.prepare(wide, QUESTION, answer="yes")
-    with pytest.raises(CorruptionError, match="same size"):
+    with pytest.raises(CorruptionError, match="same image size"):
         trace(vlm, clean, other, components=["lm.hidden"], tokens=["last"], progress=False)

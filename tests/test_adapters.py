@@ -28,6 +28,7 @@ QFORMER = {**BERT, "mlp": ("output_query.LayerNorm", "input")}
 INTERNVIT = {"attn": ("layernorm_after", "input"), "mlp": ("", "output")}
 MLLAMA_VISION = {"attn": ("post_attention_layernorm", "input"), "mlp": ("", "output")}
 GEMMA = {"attn": ("pre_feedforward_layernorm", "input"), "mlp": ("", "output")}  # Gemma 2/3: normed, then added
+QWEN_VIT = {"attn": ("norm2", "input"), "mlp": ("", "output")}
 RESIDUAL_AFTER = {
     "mllama": {"vision": MLLAMA_VISION, "vision_global": MLLAMA_VISION,
                "lm": {**LLAMA, "xattn": ("post_attention_layernorm", "input")}},
@@ -42,6 +43,9 @@ RESIDUAL_AFTER = {
     "llava_onevision": {"vision": VIT, "lm": LLAMA},
     "gemma3": {"vision": VIT, "lm": GEMMA},
     "paligemma": {"vision": VIT, "lm": GEMMA},
+    "qwen2_vl": {"vision": QWEN_VIT, "lm": LLAMA},
+    "qwen2_5_vl": {"vision": QWEN_VIT, "lm": LLAMA},
+    "qwen3_vl": {"vision": QWEN_VIT, "lm": LLAMA},
 }
 # PaliGemma applies its text config's final-logit soft cap from transformers 5.23 (its forward before returns raw logits)
 PALIGEMMA_CAPS = Version(transformers.__version__) >= Version("5.23.0")
@@ -60,11 +64,13 @@ FINAL = {
     "gemma3": lambda m, h: m.lm_head(m.model.language_model.norm(h)),  # no final-logit soft cap in this class
     "paligemma": lambda m, h: (lambda z, c: torch.tanh(z / c) * c if PALIGEMMA_CAPS else z)(
         m.lm_head(m.model.language_model.norm(h)), m.config.text_config.final_logit_softcapping),
+    **{f: lambda m, h: m.lm_head(m.model.language_model.norm(h)) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
 }
 VISION_MODULE = {"mllama": "model.vision_model", "idefics3": "model.vision_model", "smolvlm": "model.vision_model",
                  "internvl": "model.vision_tower", "llava": "model.vision_tower", "llava_next": "model.vision_tower",
                  "blip": "vision_model", "blip2": "vision_model", "instructblip": "vision_model",
-                 "llava_onevision": "model.vision_tower", "gemma3": "model.vision_tower", "paligemma": "model.vision_tower"}
+                 "llava_onevision": "model.vision_tower", "gemma3": "model.vision_tower", "paligemma": "model.vision_tower",
+                 **{f: "model.visual" for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}}
 
 
 def folded(vlm, tower: str, t: torch.Tensor) -> torch.Tensor:
@@ -85,17 +91,22 @@ def residual_scale(vlm, tower: str, component: str, layer: int) -> torch.Tensor 
     return param.tanh() if spec[1] == "tanh" else param
 
 
+def batched(t: torch.Tensor) -> torch.Tensor:
+    """A packed tower's (positions, width) tensor as one batch row, as the library shows it."""
+    return t[None] if t.dim() == 2 else t
+
+
 def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.hooks.RemovableHandle]:
     """Record a module's input or output with a plain torch hook (independent of vlm_interp.hooks)."""
     store: list[torch.Tensor] = []
     module = model.get_submodule(path)
     if kind == "input":
         def pre(mod, args, kwargs):
-            store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            store.append(batched((args[0] if args else kwargs["hidden_states"]).detach().clone()))
         return store, module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod, args, out):
-        store.append((out if torch.is_tensor(out) else out[0]).detach().clone())
+        store.append(batched((out if torch.is_tensor(out) else out[0]).detach().clone()))
     return store, module.register_forward_hook(post)
 
 
@@ -293,13 +304,16 @@ def test_a_hook_that_never_fires_raises(vlm, image):
     pixels = ex.inputs["pixel_values"]
     pixels = pixels[0] if pixels.dim() == 5 else pixels  # LLaVA-NeXT stacks crops per image
     tiles = {k: ex.inputs[k] for k in ("aspect_ratio_ids", "aspect_ratio_mask") if k in ex.inputs}  # Mllama
+    # Qwen's vision tower takes flattened patches and their grid
+    call = {"hidden_states": pixels, "grid_thw": ex.inputs["image_grid_thw"]} if "image_grid_thw" in ex.inputs \
+        else {"pixel_values": pixels, **tiles}
     with pytest.raises(HookNeverFiredError, match="lm.hidden.0"):
         with vlm.attach([vlm.hook("vision.hidden.0", capture=True), vlm.hook("lm.hidden.0", capture=True)]):
             with torch.no_grad():
-                vision(pixel_values=pixels, **tiles)
+                vision(**call)
     with vlm.attach([vlm.hook("lm.hidden.0", capture=True, allow_unused=True)]):
         with torch.no_grad():
-            vision(pixel_values=pixels, **tiles)
+            vision(**call)
 
 
 def test_unknown_sites_are_clear_errors(vlm):
@@ -308,8 +322,7 @@ def test_unknown_sites_are_clear_errors(vlm):
     with pytest.raises(SiteError, match="head out of range"):
         vlm.hook("lm.head.0.99", capture=True)
     with pytest.raises(SiteError, match="no 'qformer' tower|no component"):
-        vlm.hook("qformer.attn.0" if vlm.family in ("llava", "llava_next", "blip", "mllama") else "lm.xattn.0",
-                 capture=True)
+        vlm.hook("qformer.attn.0" if "qformer" not in vlm.adapter.towers() else "lm.xattn.0", capture=True)
     if vlm.family == "mllama":  # cross-attention on layer 1 only, self-attention on the others
         with pytest.raises(SiteError, match="layers that have it: \\[1\\]"):
             vlm.hook("lm.xattn.0", capture=True)

@@ -34,6 +34,10 @@ CASES = {
     "llava_onevision": [("lm", "mlp", ["image", "question", "last"]), ("vision", "attn", "each")],
     "gemma3": [("lm", "attn", "each"), ("lm", "head", ["image", "last"]), ("vision", "mlp", ["image"])],
     "paligemma": [("lm", "mlp", "each"), ("lm", "head", ["last"]), ("vision", "hidden", ["image"])],
+    "qwen2_vl": [("lm", "attn", ["image", "last"]), ("vision", "hidden", ["image"])],
+    "qwen2_5_vl": [("lm", "hidden", ["image", "question", "last"]), ("lm", "head", ["image", "last"]),
+                   ("vision", "mlp", {f"patch {p}": [p] for p in (0, 13, 37, 63)}), ("vision", "head", ["image"])],
+    "qwen3_vl": [("lm", "input", ["image", "question", "last"]), ("vision", "attn", ["image"])],
 }
 
 
@@ -70,6 +74,8 @@ def plain_gradient_estimate(vlm, clean, corrupt, tower, component, layer, answer
     product = (clean_store[0] - act) * grad
     if vlm.adapter.folds(tower):  # a tiled tower: its positions run over the tiles in turn
         return product.reshape(-1, product.shape[-1])
+    if product.dim() == 2:  # a packed tower (Qwen's vision tower): (positions, channels) already
+        return product
     return product.sum(0)  # (positions, channels), summed over sub-rows (LLaVA-NeXT's crops)
 
 

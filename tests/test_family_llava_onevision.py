@@ -77,7 +77,7 @@ def test_object_group_through_the_base_view_and_the_tiles(vlm):
 def test_pairs_with_different_layouts_are_refused(vlm):
     clean = vlm.prepare(_image(32, 32), QUESTION, answer="yes")
     other = vlm.prepare(_image(40, 64, seed=1), QUESTION, answer="yes")
-    with pytest.raises(CorruptionError, match="same size"):
+    with pytest.raises(CorruptionError, match="same image size"):
         trace(vlm, clean, other, components=["lm.hidden"], tokens=["last"], progress=False)
 
 

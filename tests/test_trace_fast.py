@@ -20,9 +20,11 @@ from vlm_interp.tracing.metrics import make_metric
 
 pytestmark = STRICT_TRANSFORMERS
 
-CAUSAL = ("llava", "llava_next", "blip2", "instructblip")
+# Qwen3-VL: M-RoPE positions, and DeepStack features added between LM layers
+CAUSAL = ("llava", "llava_next", "blip2", "instructblip", "qwen3_vl")
 LM_HEAD = {"llava": "lm_head", "llava_next": "lm_head", "blip2": "language_model.lm_head",
-           "instructblip": "language_model.lm_head"}
+           "instructblip": "language_model.lm_head", "qwen2_vl": "lm_head", "qwen2_5_vl": "lm_head",
+           "qwen3_vl": "lm_head"}
 
 
 def sharp(family: str) -> vi.VLM:

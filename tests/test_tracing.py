@@ -50,6 +50,14 @@ CASES = {
                   ("lm", "attn", ["image", "last"]), ("lm", "mlp", ["question", "last"]), ("lm", "head", ["last"]),
                   ("vision", "input", ["image"]), ("vision", "hidden", ["image"]), ("vision", "attn", ["image"]),
                   ("vision", "mlp", "each"), ("vision", "head", ["image"])],
+    # Qwen2.5-VL: every component kind of both towers (the packed vision tower patched one patch at a time too)
+    "qwen2_5_vl": [("lm", c, ["image", "question", "last"]) for c in ("input", "hidden", "attn", "mlp")]
+                  + [("lm", "head", ["image", "last"]), ("vision", "mlp", {f"patch {p}": [p] for p in (0, 13, 37, 63)})]
+                  + [("vision", c, ["image"]) for c in ("input", "hidden", "attn", "head")],
+    "qwen2_vl": [("lm", "hidden", ["image", "last"]), ("lm", "head", ["last"]), ("vision", "attn", ["image"]),
+                 ("vision", "head", ["image"])],
+    "qwen3_vl": [("lm", "input", ["image", "question", "last"]), ("lm", "hidden", ["image", "question", "last"]),
+                 ("lm", "head", ["last"]), ("vision", "hidden", ["image"]), ("vision", "mlp", ["image"])],
 }
 
 
@@ -88,7 +96,11 @@ def plain_loop(vlm, clean, corrupt, tower, component, layer, head, positions, an
 
     def patch(t):
         shape = t.shape
-        t = t.clone().reshape(1, -1, shape[-1]) if fold else t.clone()
+        t = t.clone()
+        if t.dim() == 2:  # a packed tower (Qwen's vision tower): (positions, width), no batch axis
+            t[positions, cols] = src[positions, cols]
+            return t
+        t = t.reshape(1, -1, shape[-1]) if fold else t
         t[:, positions, cols] = src[:, positions, cols]
         return t.reshape(shape)
 
@@ -154,17 +166,28 @@ def test_a_layers_input_is_the_previous_layers_output_and_input_zero_the_embeddi
     n = vlm.adapter.n_layers["lm"]
     entering = tr.data.sel(component="input", layer=list(range(1, n))).values
     leaving = tr.data.sel(component="hidden", layer=list(range(n - 1))).values
+    added = vlm.adapter.adapter.towers["lm"].added_after  # Qwen3-VL's DeepStack: features enter between layers
+    image = [k for k, p in enumerate(tr.attrs["positions"]) if p[0] in set(clean.groups["lm"].get("image", []))]
+    for layer in added:  # there restoring the next layer's input also restores the clean run's added features
+        assert np.abs(entering[layer, image] - leaving[layer, image]).max() > 1e-6
+        entering[layer, image] = leaving[layer, image]
     np.testing.assert_allclose(entering, leaving, atol=1e-6)
     if vlm.adapter.adapter.image_in_lm:
-        grab = vlm.hook("lm.input.0", capture=True)
-        with torch.no_grad(), vlm.attach([grab]):
-            clean_logits = vlm.logits(clean.inputs)
-        with torch.no_grad(), vlm.attach([vlm.hook("lm.input.0", lambda t: grab.value)]):
-            restored = vlm.logits(corrupt.inputs)
         with torch.no_grad():
             corrupt_logits = vlm.logits(corrupt.inputs)
-        assert float((corrupt_logits - clean_logits).abs().max()) > 1e-3
-        torch.testing.assert_close(restored, clean_logits, atol=1e-6, rtol=0)
+        # the image is in the LM's input, and (DeepStack) in what enters after each of the added_after layers
+        last = max(added, default=-1) + 1
+        for layer in sorted({0, last}):
+            grab = vlm.hook(f"lm.input.{layer}", capture=True)
+            with torch.no_grad(), vlm.attach([grab]):
+                clean_logits = vlm.logits(clean.inputs)
+            with torch.no_grad(), vlm.attach([vlm.hook(f"lm.input.{layer}", lambda t: grab.value)]):
+                restored = vlm.logits(corrupt.inputs)
+            assert float((corrupt_logits - clean_logits).abs().max()) > 1e-3
+            if layer == last:
+                torch.testing.assert_close(restored, clean_logits, atol=1e-6, rtol=0)
+            else:  # the corrupted image's features enter again after layer 0
+                assert float((restored - clean_logits).abs().max()) > 1e-3
 
 
 def test_windows_and_noising_direction(image, other_image):

@@ -38,7 +38,9 @@ class InputEdit:
     otherwise longer inputs are fine (prompt plus answer tokens) and shorter calls after the
     first application pass through unchanged (the single-token steps of cached generation).
     ``fold``: the module runs each example's tiles along its batch axis; dimension 1 then runs over
-    the tiles in turn (:class:`~vlm_interp.hooks.Hook` ``fold``).
+    the tiles in turn (:class:`~vlm_interp.hooks.Hook` ``fold``). ``packed``: the module's tensor has
+    no batch axis, its rows' positions follow each other (``length`` each; see
+    :class:`~vlm_interp.hooks.Hook`).
     """
 
     module: str
@@ -49,6 +51,7 @@ class InputEdit:
     exact_length: bool = True
     label: str = "noise"
     fold: bool = False
+    packed: bool = False
 
     def hook(self) -> Hook:
         """A fresh :class:`~vlm_interp.hooks.Hook` that adds the noise (state is per hook)."""
@@ -56,6 +59,9 @@ class InputEdit:
         index = list(self.index)
 
         def add(t: torch.Tensor) -> torch.Tensor | None:
+            if self.packed and t.dim() == 3 and t.shape[0] == 1 and self.exact_length and t.shape[1] > self.length \
+                    and t.shape[1] % self.length == 0:
+                return add(t.reshape(t.shape[1] // self.length, self.length, t.shape[2])).reshape(t.shape)
             if t.dim() < 3 or t.shape[-1] != self.noise.shape[-1]:
                 raise CorruptionError(
                     f"{self.label} at {self.module!r} expects (batch, positions, {self.noise.shape[-1]}) "
@@ -85,7 +91,7 @@ class InputEdit:
             return t
 
         return Hook(self.module, fn=add, kind=self.kind, name=f"{self.label} at {self.module}", fold=self.fold,
-                    input_keywords=compat.LAYER_INPUT_KEYWORDS)
+                    packed=self.packed, input_keywords=compat.LAYER_INPUT_KEYWORDS)
 
 
 _ACTIVE: set[tuple[int, int]] = set()  # (model, example) pairs whose edits are attached right now

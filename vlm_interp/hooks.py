@@ -45,9 +45,11 @@ class Hook:
     never-fired check. ``fold=True`` is for modules whose batch axis holds each example's tiles
     in turn (a tiled vision tower): ``fn`` and captures see ``(examples, tiles x positions, width)``,
     one sequence per example, tile after tile; the number of examples is the batch size of the
-    model call that runs (see :class:`Hooks`), or 1 when the module is called on its own. With
-    ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call and its return value is
-    ignored: it observes, it never edits.
+    model call that runs (see :class:`Hooks`), or 1 when the module is called on its own.
+    ``packed=True`` is for modules whose tensor has no batch axis (the positions of every batch row
+    concatenated on axis 0, as in Qwen's vision tower): ``fn`` and the capture see a 2-D tensor as
+    ``(1, positions, width)``. With ``kind="call"``, ``fn`` receives ``(args, kwargs)`` of every call
+    and its return value is ignored: it observes, it never edits.
     """
 
     module: str
@@ -59,6 +61,7 @@ class Hook:
     name: str | None = None
     channels: slice | None = None
     fold: bool = False
+    packed: bool = False
     # keywords an ``input`` hook reads the module's input under when it is called without positional arguments
     input_keywords: tuple[str, ...] = ("hidden_states",)
     calls: int = field(default=0, init=False)
@@ -92,6 +95,11 @@ class Hook:
         ``rows``: the examples in the batch of the model call (used by ``fold``); with ``fold`` the
         tensor that flows on derives from the folded view, so gradients taken at a capture reach it.
         """
+        if self.packed and full.dim() == 2:
+            view = full.unsqueeze(0)
+            out = self._apply(view)
+            # what flows on derives from the view when a gradient is kept, so that the gradient reaches the capture
+            return full if out is view and not self.grad else out.squeeze(0)
         if not self.fold:
             return self._apply(full)
         rows = rows or 1

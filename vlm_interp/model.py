@@ -229,18 +229,19 @@ class VLM:
 
     def _fill_groups(self, ex: Example) -> None:
         layout = self.image_layout(ex)
+        frame: list = []
         if layout is not None:
             for key, entries in {"vision": layout.vision, **layout.other}.items():
                 ex.groups[key] = {"image": [p for p, b in enumerate(entries) if b not in (None, "cls")],
                                   "cls": [p for p, b in enumerate(entries) if b == "cls"]}
                 ex.boxes[key] = {p: b for p, b in enumerate(entries) if b not in (None, "cls")}
         else:
-            spec = self.adapter.adapter
-            grid = self._vision_grid()
-            first = 1 if spec.vision_cls else 0  # patches follow the class token, where the vision tower has one
-            patches = list(range(first, first + grid[0] * grid[1]))
-            ex.groups["vision"] = {"image": patches, **({"cls": [0]} if spec.vision_cls else {})}
-            ex.boxes["vision"] = dict(zip(patches, self._frame_boxes(ex, grid)))
+            frame = self._vision_boxes(ex)
+            ex.groups["vision"] = {"image": [p for p, b in enumerate(frame) if b is not None]}
+            cls = [p for p, b in enumerate(frame) if b is None]
+            if cls:
+                ex.groups["vision"]["cls"] = cls
+            ex.boxes["vision"] = {p: b for p, b in enumerate(frame) if b is not None}
         if not self.decoder.continues_prompt:  # the prompt is on an encoder tower; the answer decoder starts anew
             ids = ex.inputs["input_ids"][0].tolist()
             spans = self.text_alignment(self.tokenizer, ex.prompt, ids, None)
@@ -264,7 +265,8 @@ class VLM:
         if not self.adapter.adapter.image_in_lm:  # the image reaches the LM otherwise (Mllama's cross-attention)
             del ex.groups["lm"]["image"]
         ex.tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, layout.lm if layout else None)
+        ex.boxes["lm"] = self._lm_image_boxes(ex, image_pos, layout.lm if layout else None,
+                                              [b for b in frame if b is not None])
         if "qformer" in self.adapter.n_layers:
             n_query = self.model.config.num_query_tokens
             groups = {"image": list(range(n_query))}
@@ -282,22 +284,25 @@ class VLM:
             return None
         return spec.image_layout(self.model.config, self.processor.image_processor, ex.image_hw, ex.inputs)
 
-    def _vision_grid(self) -> tuple[int, int]:
+    def _vision_boxes(self, ex: Example) -> list:
+        """The box of every vision-tower position (None: no patch, a class token), from the adapter or the default:
+        a class token where the tower has one, then the square grid of patches over the processor's frame."""
+        spec = self.adapter.adapter
+        if spec.vision_boxes is not None:
+            return list(spec.vision_boxes(self.model.config, ex.inputs, ex.image_hw))
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
-        return side, side
+        cls = [None] if spec.vision_cls else []
+        return cls + geometry.frame_cells(self.processor.image_processor, ex.image_hw, (side, side),
+                                          squash=spec.squashed_frame)
 
-    def _frame_boxes(self, ex: Example, grid: tuple[int, int]) -> list:
-        return geometry.frame_cells(self.processor.image_processor, ex.image_hw, grid,
-                                    squash=self.adapter.adapter.squashed_frame)
-
-    def _lm_image_boxes(self, ex: Example, image_pos: list[int], boxes: list | None = None) -> dict:
+    def _lm_image_boxes(self, ex: Example, image_pos: list[int], boxes: list | None, frame: list) -> dict:
         """Boxes for the LM's image tokens, from the adapter's layout (Q-Former queries have none)."""
         layout = self.adapter.adapter.lm_image_boxes
         if boxes is None and layout is None:
             return {}
         if boxes is None:
-            boxes = layout(self.model.config, ex.image_hw, self._frame_boxes(ex, self._vision_grid()))
+            boxes = layout(self.model.config, ex.image_hw, frame, ex.inputs)
         if len(boxes) != len(image_pos):
             raise ImageTokenMismatchError(
                 f"{len(image_pos)} image tokens but the {self.family} layout describes {len(boxes)}"

@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnknownArchitectureError
-from . import blip, blip2, gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, paligemma
+from . import blip, blip2, gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, paligemma, qwen_vl
 from .base import Adapter, BoundAdapter, ImageLayout, Tower
 
 # model class name -> function building that family's adapter from the model config
@@ -24,15 +24,20 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
     **{c: idefics3.build_smolvlm for c in idefics3.SMOLVLM_CLASSES},
     **{c: internvl.build for c in internvl.MODEL_CLASSES},
     **{c: mllama.build for c in mllama.MODEL_CLASSES},
+    **{c: qwen_vl.build_qwen2 for c in qwen_vl.QWEN2_CLASSES},
+    **{c: qwen_vl.build_qwen2_5 for c in qwen_vl.QWEN2_5_CLASSES},
+    **{c: qwen_vl.build_qwen3 for c in qwen_vl.QWEN3_CLASSES},
 }
 
 HOW_TO_ADD = (
     "To add a family, write vlm_interp/adapters/<family>.py with a build(config) -> Adapter that gives its towers "
     "(layer list path, component table, head-count config key; for the answer LM its tail and the keywords the "
     "fast path may replay, a final-logit soft cap, whether input + attn + mlp = output, how its batch "
-    "holds tiles, scales before the residual add), its decoder kind, default prompt template and image-token facts (placeholder and the processor attribute naming "
-    "it, count, the boxes LM image tokens cover or for tiled images an image_layout, a class token in the vision "
-    "tower), processor outputs to drop and per-token inputs an answer extends, its attention blocks that are not causal, its vision root, per-patch projector layers and noise "
+    "holds tiles or packs positions without a batch axis, scales before the residual add, features added between "
+    "its layers), its decoder kind, default prompt template and image-token facts (placeholder and the processor "
+    "attribute naming it, count, the boxes vision positions and LM image tokens cover or for tiled images an "
+    "image_layout, a class token in the vision tower), processor outputs to drop and per-token inputs an answer "
+    "extends, its attention blocks that are not causal, its vision root, per-patch projector layers and noise "
     "places, and register its model class in vlm_interp/adapters/__init__.py:REGISTRY."
 )
 

@@ -80,10 +80,18 @@ class Tower:
     # positions (the key/value cache is found by type, not listed). Any other keyword with a value
     # makes the fast path decline. Families with other position encodings extend it (M-RoPE ids).
     replay: dict[str, Replay] = field(default_factory=dict)
-    # How the tower's batch axis holds one example: "repeat" (one entry per example, or several views whose same
-    # position counts as one position, as LLaVA-NeXT's crops) or "tiles" (each example's tiles in turn, as Idefics3's
-    # and InternVL's vision towers run them): then its sites show an example's tiles as one sequence, tile after tile.
-    batch_layout: Literal["repeat", "tiles"] = "repeat"
+    # How the tower's tensors hold one example: "repeat" (one batch entry per example, or several views whose same
+    # position counts as one position, as LLaVA-NeXT's crops); "tiles" (each example's tiles in turn along the batch
+    # axis, as Idefics3's and InternVL's vision towers run them): then its sites show an example's tiles as one
+    # sequence, tile after tile; "packed" ((positions, width) with the positions of every image of a batch concatenated
+    # on axis 0 and no batch axis, as Qwen's vision tower, whose attention keeps the images apart with cu_seqlens, so
+    # rows of a batch never mix): hooks show such a tensor as (1, positions, width), batched runs as rows of equal
+    # length.
+    batch_layout: Literal["repeat", "tiles", "packed"] = "repeat"
+    # Layers after whose output the model adds features to the residual stream outside the layer modules (Qwen3-VL's
+    # DeepStack adds vision features at image positions): there TOWER.hidden.L (the layer's output) and
+    # TOWER.input.L+1 (what the next layer reads) differ. The fast tracing path replays the recorded additions.
+    added_after: tuple[int, ...] = ()
     # Where a component's output is scaled before the residual add and no module outputs the scaled tensor
     # (InternViT's layer scale, Mllama's tanh gates): component -> (parameter path relative to the layer,
     # "scale" (multiplied) or "tanh" (multiplied by its tanh)). The component is hooked before that scale, so
@@ -97,6 +105,10 @@ class Tower:
     # ``residual_scale`` where it has one, is its output (pre-norm blocks, where these sites are the tensors added to
     # the residual stream); False for post-norm layers (BERT), where a LayerNorm follows each add.
     residual_sum: bool = False
+
+    @property
+    def packed(self) -> bool:
+        return self.batch_layout == "packed"
 
 
 @dataclass(frozen=True)
@@ -142,11 +154,19 @@ class Adapter:
     default_template: str  # prompt template with {question}; contains the image placeholder if needed
     image_in_lm: bool  # image (or query) tokens are placeholder positions in the LM input_ids
     image_tokens: Callable[[Any, dict], int] | None = None  # expected image-token count
+    # the box each vision-tower position covers (None: no patch, as a CLS token), from (config, processor outputs,
+    # image (height, width)); None: a CLS token, then the square grid of vision_config.image_size // patch_size
+    # patches over the processor's frame (CLIP, BLIP). Families whose patch count follows the image size give it.
+    vision_boxes: Callable[[Any, dict, tuple[int, int]], list] | None = None
+    # processors that flatten the patches into rows of pixel_values: the row holding each vision position's pixels, from
+    # (config, processor outputs); None: pixel_values is an image cut into patch_size squares in row-major order
+    pixel_rows: Callable[[Any, dict], list[int]] | None = None
     image_placeholder: bool = False  # the prompt holds one image placeholder, which the processor expands
     squashed_frame: bool = False  # the image processor resizes the whole image to its square frame (no crop)
     # the box each LM image token covers (None: no patch, e.g. CLS or a row's newline), from (config, image (height,
-    # width), the vision tower's patch boxes in row-major order); None where the LM's image tokens cover no region
-    lm_image_boxes: Callable[[Any, tuple[int, int], list], list] | None = None
+    # width), the vision tower's patch boxes in its position order, processor outputs); None where the LM's image
+    # tokens cover no region
+    lm_image_boxes: Callable[[Any, tuple[int, int], list, dict], list] | None = None
     logits_module: str | None = None  # module whose output carries the answer logits (BLIP)
     # the tower whose image tokens are the image's patches one for one, in row-major order (input-attribution
     # baselines report patch maps on it); None where no tower's are (LLaVA-NeXT's come from several tiled views)
@@ -234,6 +254,9 @@ class BoundAdapter:
                         resolve_module(self.model, path)
                     except ModuleNotFoundInModelError as err:
                         problems.append(f"{name}.tail: {err}")
+            late = [j for j in tower.added_after if not 0 <= j < len(layers)]
+            if late:
+                problems.append(f"{name}.added_after: layers {late} do not exist")
             for component in tower.components:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
@@ -266,6 +289,11 @@ class BoundAdapter:
                 f"{self.adapter.family} models have no {tower!r} tower; towers: {list(self.adapter.towers)}"
             )
         return self.adapter.towers[tower]
+
+    def packed(self, tower: str) -> bool:
+        """Whether ``tower``'s tensors are packed (no batch axis; see :class:`Tower`). A token sequence that is no
+        tower (Mllama's ``cross``, the vision tokens its cross-attention reads) is not."""
+        return tower in self.adapter.towers and self._tower(tower).packed
 
     def module_path(self, tower: str, component: str, layer: int) -> str:
         """Dotted path of the module holding ``component`` at ``layer`` (may not exist on every layer)."""
@@ -389,6 +417,7 @@ class BoundAdapter:
             name=site.name,
             channels=channels,
             fold=self.folds(site.tower),
+            packed=self._tower(site.tower).packed,
             input_keywords=compat.LAYER_INPUT_KEYWORDS,
         )
 
@@ -407,5 +436,8 @@ class BoundAdapter:
                 f"  {name:8s} {self.n_layers[name]} layers, {self.n_heads[name]} heads"
                 + (f" ({self.n_kv_heads[name]} kv)" if self.n_kv_heads[name] != self.n_heads[name] else "")
                 + f": {comps}"
+                + ("; packed positions, no batch axis" if tower.packed else "")
+                + (f"; features added to the residual stream after layers {list(tower.added_after)} (so "
+                   "hidden.L and input.L+1 differ there)" if tower.added_after else "")
             )
         return "\n".join(lines)

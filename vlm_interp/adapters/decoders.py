@@ -52,7 +52,7 @@ class CausalDecoder:
             inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
             for key, value in {"attention_mask": 1, **(fill or {})}.items():
                 if key in inputs:
-                    inputs[key] = torch.cat([inputs[key], torch.full_like(extra, value)], dim=1)
+                    inputs[key] = torch.cat([inputs[key], torch.full_like(extra, value, dtype=inputs[key].dtype)], dim=1)
         return inputs
 
     def teacher_forced(self, model: nn.Module, prompt: list[int],

@@ -39,7 +39,7 @@ def pooled_side(config) -> tuple[int, int]:
     return side, side // int(math.isqrt(config.mm_tokens_per_image))
 
 
-def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list, inputs: dict | None = None) -> list:
     """One box per LM image token: the union of the square of patches its average pool covers, row-major."""
     side, k = pooled_side(config)
     tokens = side // k

@@ -22,7 +22,7 @@ def patch_tokens(config, inputs) -> int:
     return (h // p) * (w // p) + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
-def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list, inputs: dict | None = None) -> list:
     """One box per LM image token: the patches in row-major order, after CLS if 'full' (it covers no patch)."""
     return ([None] if config.vision_feature_select_strategy == "full" else []) + list(frame)
 

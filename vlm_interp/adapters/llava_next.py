@@ -31,9 +31,9 @@ def anyres_tokens(config, inputs) -> int:
     return base + rows * (cols + 1)
 
 
-def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list, inputs: dict | None = None) -> list:
     """The base grid's boxes (squashed frame), then the high-resolution rows, each ending in a newline token."""
-    boxes = base_grid_boxes(config, image_hw, frame)
+    boxes = base_grid_boxes(config, image_hw, frame, inputs)
     rows, cols = highres_grid(config, image_hw)
     cells = geometry.even_cells(image_hw, (rows, cols))
     for r in range(rows):

@@ -39,7 +39,7 @@ def image_tokens(config, inputs) -> int:
     return grid * grid + rows * (cols + 1)
 
 
-def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list, inputs: dict | None = None) -> list:
     """The base view's patches (the whole image squashed to a square), then the tiles' grid laid evenly over the
     image (what the unpadding keeps), row by row, each row's newline token covering no patch."""
     rows, cols = highres_grid(config, image_hw)

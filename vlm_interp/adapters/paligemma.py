@@ -37,7 +37,7 @@ def image_tokens(config, inputs) -> int:
     return side * side
 
 
-def lm_image_boxes(config, image_hw: tuple[int, int], frame: list) -> list:
+def lm_image_boxes(config, image_hw: tuple[int, int], frame: list, inputs: dict | None = None) -> list:
     """The patches one for one, row-major (SigLIP has no class token)."""
     return list(frame)
 

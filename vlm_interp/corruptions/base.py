@@ -77,6 +77,15 @@ def check_layout(clean: Example, corrupt: Example, what: str = "corruption", sam
     """Raise :class:`CorruptionError` unless ``corrupt`` has the clean example's token layout (see
     :func:`layout_differences`); tracing needs this so that positions correspond."""
     problems = layout_differences(clean, corrupt, same_ids)
+    if problems and clean.image_hw and corrupt.image_hw and clean.image_hw != corrupt.image_hw:
+        (ha, wa), (hb, wb) = clean.image_hw, corrupt.image_hw
+        counts = [len(ex.groups.get("lm", {}).get("image", [])) for ex in (clean, corrupt)]
+        raise CorruptionError(
+            f"the {what} has an image of {wb}x{hb} pixels and the clean example one of {wa}x{ha} (width x height): "
+            "use the same image size for both, so that both map to the same tokens at the "
+            f"same positions ({counts[0]} vs {counts[1]} image tokens in the LM); tracing patches position by "
+            "position. Differences: " + "; ".join(problems)
+        )
     if problems:
         raise CorruptionError(
             f"the {what} does not keep the clean example's token layout: " + "; ".join(problems)
@@ -125,6 +134,6 @@ def stack(examples: Sequence[Example]) -> Example:
                 raise CorruptionError(f"an example carries {len(mine)} edits at the same place {key[0]!r}")
             parts.append(mine[0].noise if mine else torch.zeros_like(spec.noise))
         edits.append(InputEdit(spec.module, spec.kind, spec.index, torch.cat(parts), spec.length,
-                               spec.exact_length, spec.label, spec.fold))
+                               spec.exact_length, spec.label, spec.fold, spec.packed))
     return first.derive(inputs=_cat_inputs(examples), edits=edits,
                         meta={**first.meta, "stacked": [ex.meta.get("corruption") for ex in examples]})

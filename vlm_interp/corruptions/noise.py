@@ -102,7 +102,7 @@ def place_values(vlm, ex: Example, place: str) -> torch.Tensor:
         return ex.inputs["pixel_values"].detach().float().flatten()
     p = place_of(vlm, place)
     grab = Hook(p.module, kind=p.kind, capture=True, name=f"{place} values", fold=p.fold,
-                input_keywords=compat.LAYER_INPUT_KEYWORDS)
+                packed=vlm.adapter.packed(p.tower), input_keywords=compat.LAYER_INPUT_KEYWORDS)
     with AttachedHooks(vlm.model, [grab]), torch.no_grad():
         vlm.logits(ex.inputs)
     value = grab.value
@@ -198,13 +198,13 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         vision_image = ex.positions("image", "vision")
         bad = [p for p in positions if p not in set(vision_image)]
         if bad:
-            cls = " (position 0 is the CLS token, which has no pixels)" if vlm.adapter.adapter.vision_cls else ""
+            cls = " (a CLS token has no pixels)" if ex.groups["vision"].get("cls") else ""
             raise CorruptionError(f"vision positions {bad} are not image patches{cls}; patches are "
                                   f"{vision_image[0]}..{vision_image[-1]}")
         _check_tiled(vlm, ex, vision_image, positions, place)
         pixels = ex.inputs["pixel_values"]
         layout = vlm.image_layout(ex)
-        mask = _pixel_mask(vlm, pixels, vision_image, positions) if layout is None else \
+        mask = _pixel_mask(vlm, pixels, vision_image, positions, ex.inputs) if layout is None else \
             _tile_pixel_mask(vlm, pixels, layout.pixels, positions)
         delta = _noise_tensor(tuple(pixels.shape), amount, seed) * mask
         record.update(tower="vision", positions=positions)
@@ -217,14 +217,14 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
     rows = 1
     if p.tower != "lm":  # vision positions (BLIP's vision output, patch embeddings, tiles in turn) or the like
         layout = vlm.image_layout(ex)
-        cls = vlm.adapter.adapter.vision_cls
         if layout is None:
-            length = int(cls) + len(image)
+            length = len(image) + len(ex.groups[p.tower].get("cls", []))
+            where = f" (patches: {image[0]}..{image[-1]})" if image else ""
         else:
             length = len({"vision": layout.vision, **layout.other}[p.tower])
+            where = " (tiles in turn)"
         bad = [q for q in positions if not 0 <= q < length]
         if bad:
-            where = (" (0 is CLS)" if cls else "") if layout is None else " (tiles in turn)"
             raise CorruptionError(f"{p.tower} positions {bad} are out of range; that sequence has positions "
                                   f"0..{length - 1}{where}")
         index, exact = positions, True
@@ -243,13 +243,28 @@ def noise(vlm, ex: Example, scale: float | str = "3sd", tokens: str | Sequence[i
         else:
             index, length, exact = positions, ex.inputs["input_ids"].shape[1], False
     edit = InputEdit(p.module, p.kind, tuple(index), _noise_tensor((rows, len(index), hidden), amount, seed),
-                     length, exact, label=f"noise ({place}, seed {seed})", fold=p.fold)
+                     length, exact, label=f"noise ({place}, seed {seed})", fold=p.fold,
+                     packed=vlm.adapter.packed(p.tower))
     record.update(tower=p.tower, positions=positions, module=p.module)
     return ex.derive(edits=[*ex.edits, edit], meta={**ex.meta, "corruption": record})
 
 
-def _pixel_mask(vlm, pixels: torch.Tensor, vision_image: list[int], positions: list[int]) -> torch.Tensor:
-    """1 on the pixels of the chosen patches (row-major grid, CLS excluded), 0 elsewhere."""
+def _pixel_mask(vlm, pixels: torch.Tensor, vision_image: list[int], positions: list[int],
+                inputs: dict | None = None) -> torch.Tensor:
+    """1 on the pixels of the chosen patches (row-major grid, CLS excluded), 0 elsewhere.
+
+    Processors that flatten the patches into rows of ``pixel_values`` (the adapter's ``pixel_rows``
+    says which row holds each vision position) get a mask of those rows.
+    """
+    pixel_rows = vlm.adapter.adapter.pixel_rows
+    if pixel_rows is not None:
+        order = pixel_rows(vlm.model.config, inputs or {})
+        if pixels.dim() != 2 or len(order) != pixels.shape[0] or len(order) != len(vision_image):
+            raise CorruptionError(f"pixel_values of shape {tuple(pixels.shape)} do not hold one row per vision "
+                                  f"patch ({len(vision_image)} patches)")
+        mask = torch.zeros(pixels.shape[0], 1)
+        mask[[order[vision_image.index(q)] for q in positions]] = 1.0
+        return mask
     patch = int(vlm.model.config.vision_config.patch_size)
     h, w = pixels.shape[-2:]
     rows, cols = h // patch, w // patch

@@ -27,7 +27,7 @@ from ..sites import Site
 from .steps import InterventionError, StepTracker, lm_base_path, require_decoder_lm
 
 
-def _last_head_outputs(vlm, base, embeds: torch.Tensor) -> torch.Tensor:
+def _last_head_outputs(vlm, base, embeds: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Every LM head's output at the last position of one ``(1, T, D)`` run of the LM base model."""
     layers = range(vlm.adapter.n_layers["lm"])
     hooks = []
@@ -35,19 +35,25 @@ def _last_head_outputs(vlm, base, embeds: torch.Tensor) -> torch.Tensor:
         path, kind = vlm.adapter.hook_point("lm", "head", layer)
         hooks.append(Hook(path, kind=kind, capture=True, name=f"VHD head capture {layer}"))
     with torch.no_grad(), vlm.attach(hooks):
-        base(inputs_embeds=embeds, use_cache=False)
+        base(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
     n = vlm.adapter.n_heads["lm"]
     return torch.stack([h.value[0, -1].view(n, -1) for h in hooks])  # (layers, heads, head_dim)
 
 
-def divergence_from_embeds(vlm, embeds: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """VHD (layers, heads) of one sequence given its LM input embeddings and its image-token mask."""
+def divergence_from_embeds(vlm, embeds: torch.Tensor, image: torch.Tensor,
+                           position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """VHD (layers, heads) of one sequence given its LM input embeddings and its image-token mask.
+
+    ``position_ids`` are those the model gave the LM for this sequence (M-RoPE families compute
+    them from the image layout; positions on the last axis, one batch row); the run without the
+    image tokens takes the LM's default positions for its shorter text.
+    """
     if not image.any():
         raise InterventionError("this sequence has no image tokens; VHD compares runs with and without them")
     if image[-1]:
         raise InterventionError("the last token is an image token; VHD is measured at a text position")
     base = resolve_module(vlm.model, lm_base_path(vlm))
-    with_image = _last_head_outputs(vlm, base, embeds)
+    with_image = _last_head_outputs(vlm, base, embeds, position_ids)
     without = _last_head_outputs(vlm, base, embeds[:, ~image])
     return (with_image - without).float().norm(dim=-1)
 
@@ -77,13 +83,22 @@ def head_divergence(vlm, example: Example) -> xr.DataArray:
 
     def keep(args: tuple, kwargs: dict) -> None:
         grab.setdefault("embeds", kwargs.get("inputs_embeds"))
+        grab.setdefault("position_ids", kwargs.get("position_ids"))
 
     with torch.no_grad(), applied(vlm, example), vlm.attach([Hook(lm_base_path(vlm), fn=keep, kind="call")]):
         vlm.logits(example.inputs)
     if grab.get("embeds") is None:
         raise InterventionError(f"{lm_base_path(vlm)} was not called with inputs_embeds; cannot separate the image")
     image = example.inputs["input_ids"][0] == vlm.image_token_id
-    return _as_array(vlm, divergence_from_embeds(vlm, grab["embeds"], image))
+    return _as_array(vlm, divergence_from_embeds(vlm, grab["embeds"], image, grab["position_ids"]))
+
+
+def _row_positions(position_ids: torch.Tensor | None, row: int, keep: torch.Tensor) -> torch.Tensor | None:
+    """One batch row's position ids at the kept positions (batch on the second-to-last axis, positions last)."""
+    if not torch.is_tensor(position_ids):
+        return None
+    rows = position_ids.narrow(-2, row, 1) if position_ids.shape[-2] > 1 else position_ids
+    return rows[..., keep]
 
 
 def select_vision_heads(vhd: xr.DataArray, layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -141,7 +156,8 @@ def vhr(vlm, alpha: float = 2.0, layers: Sequence[int] | None = None) -> Iterato
                 keep = mask[r].bool() if torch.is_tensor(mask) and mask.dim() == 2 else torch.ones_like(
                     tracker.prompt_ids[r], dtype=torch.bool)
                 image = tracker.prompt_ids[r][keep] == vlm.image_token_id
-                vhd = _as_array(vlm, divergence_from_embeds(vlm, embeds[r:r + 1, keep], image))
+                positions = _row_positions(kwargs.get("position_ids"), r, keep)
+                vhd = _as_array(vlm, divergence_from_embeds(vlm, embeds[r:r + 1, keep], image, positions))
                 picks = select_vision_heads(vhd, state.layers)
                 state.divergence.append(vhd)
                 state.heads.append([Site("lm", "head", l, h).name for l, h in picks])

@@ -40,6 +40,7 @@ from . import mllama  # noqa: E402,I001
 from . import llava_onevision  # noqa: E402,I001
 from . import gemma3  # noqa: E402,I001
 from . import paligemma  # noqa: E402,I001
+from . import qwen  # noqa: E402,I001
 
 FAMILIES = tuple(BUILDERS)
 

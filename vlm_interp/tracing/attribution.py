@@ -84,9 +84,9 @@ def _params_require_grad(model: torch.nn.Module) -> Iterator[None]:
 
 def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
     """Base-run activations at ``slots`` and the metric's gradient there (None: the answer ignores it)."""
-    fold = vlm.adapter.folds(plan.tower)  # a tiled tower's tiles as one sequence, as its sites show them
+    fold, packed = vlm.adapter.folds(plan.tower), vlm.adapter.packed(plan.tower)  # sequences as the sites show them
     hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, grad=True, name=f"{slot[0]}:{slot[1]}", fold=fold,
-                        input_keywords=compat.LAYER_INPUT_KEYWORDS) for slot in slots}
+                        packed=packed, input_keywords=compat.LAYER_INPUT_KEYWORDS) for slot in slots}
     with torch.enable_grad(), _params_require_grad(vlm.model), applied(vlm, plan.base), vlm.attach(hooks.values()):
         logits = vlm.logits(plan.base.inputs)
         value = plan.metric(logits[:, vlm.answer_start(plan.base)]).sum()
@@ -97,9 +97,9 @@ def _base_gradients(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> tu
 
 def _source_values(vlm, plan: GridPlan, slots: Sequence[tuple[str, str]]) -> dict:
     """Source-run activations at ``slots`` (whole tensors, also for head components); one forward."""
-    fold = vlm.adapter.folds(plan.tower)
+    fold, packed = vlm.adapter.folds(plan.tower), vlm.adapter.packed(plan.tower)
     hooks = {slot: Hook(slot[0], kind=slot[1], capture=True, name=f"{slot[0]}:{slot[1]}", fold=fold,
-                        input_keywords=compat.LAYER_INPUT_KEYWORDS) for slot in slots}
+                        packed=packed, input_keywords=compat.LAYER_INPUT_KEYWORDS) for slot in slots}
     with torch.no_grad(), applied(vlm, plan.source), vlm.attach(hooks.values()):
         vlm.logits(plan.source.inputs)
     return {s: hooks[s].value for s in slots}
@@ -270,6 +270,10 @@ def integrated_patching(vlm, clean: Example, corrupt: Example,
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     plan = plan_grid(vlm, clean, corrupt, components, tokens, window, metric, answer, other, direction,
                      method="integrated_patching")
+    if vlm.adapter.packed(plan.tower):
+        raise SiteError(f"the {plan.tower} tower of {vlm.family} packs the positions of a batch's rows on one axis "
+                        "(no batch axis), and captum's layer attribution treats the first axis as the batch; use "
+                        "attribution_patching or trace for this tower")
     plan.attrs.update(steps=steps, ig_method=method)
     for comp in plan.comps:
         _check_projection(vlm, plan, comp)

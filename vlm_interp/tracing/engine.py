@@ -53,13 +53,20 @@ def site_activations(vlm, example: Example, sites: Iterable[Site]) -> dict[Site,
 
 
 def _writer(site: Site, rows: list[tuple[int, tuple[int, ...]]], value: torch.Tensor, batch: int,
-            offset: int | None = None):
+            offset: int | None = None, packed: bool = False):
     """An edit function writing ``value`` at each row's positions (rows may span several sub-rows).
 
     The patched tensor holds the whole sequence, or (runs that start inside the LM, see
-    :mod:`.fast`) the positions from ``offset`` on, sometimes only a span of them.
+    :mod:`.fast`) the positions from ``offset`` on, sometimes only a span of them. A ``packed``
+    tower's tensor holds the rows one after the other on its positions axis (see the adapter's ``Tower.batch_layout``).
     """
     def write(t: torch.Tensor) -> torch.Tensor:
+        shape = t.shape
+        if packed:
+            if t.shape[0] != 1 or t.shape[1] % batch:
+                raise SiteError(f"{site}: a packed tensor of shape {tuple(t.shape)} does not hold {batch} rows of "
+                                "equal length")
+            t = t.reshape(batch, t.shape[1] // batch, t.shape[2])
         sub, rest = divmod(t.shape[0], batch)
         if rest or value.shape[0] != sub:
             raise SiteError(f"{site}: the patched tensor has {t.shape[0]} rows for a batch of {batch}, and the "
@@ -74,7 +81,7 @@ def _writer(site: Site, rows: list[tuple[int, tuple[int, ...]]], value: torch.Te
         for r, pos in rows:
             idx = list(pos)
             t[r * sub:(r + 1) * sub, [p - first for p in idx]] = value[:, idx].to(t.dtype)
-        return t
+        return t.reshape(shape) if packed else t
 
     return write
 
@@ -86,7 +93,7 @@ def _patch_hooks(vlm, chunk: Sequence[Cell], source: dict[Site, torch.Tensor],
     for r, cell in enumerate(chunk):
         for site in cell.sites:
             rows_by_site.setdefault(site, []).append((r, cell.positions))
-    return [vlm.hook(site, _writer(site, rows, source[site], len(chunk), offset))
+    return [vlm.hook(site, _writer(site, rows, source[site], len(chunk), offset, vlm.adapter.packed(site.tower)))
             for site, rows in rows_by_site.items()]
 
 

@@ -95,7 +95,8 @@ def _add_at(row: int, position: int, delta: torch.Tensor, offset: int):
 
 def _fingerprint(state: LMStart) -> list:
     """Shapes and sums of everything recorded, to show that replays leave the recorded state as it was."""
-    tensors = [x.hidden for x in state.inputs] + [t for x in state.inputs if x.kv for t in x.kv]
+    tensors = [x.hidden for x in state.inputs] + [t for x in state.inputs if x.kv for t in x.kv] + list(
+        state.adds.values())
     return [(tuple(t.shape), float(t.double().sum())) for t in tensors]
 
 
@@ -215,13 +216,16 @@ def lm_start(vlm, base: Example) -> tuple[LMStart | None, str]:
         return None, reason
     tower = vlm.adapter.adapter.towers[TOWER]
     n = vlm.adapter.n_layers[TOWER]
+    if n - 1 in tower.added_after:
+        return None, (f"the {vlm.adapter.adapter.family} model adds features to the residual stream after the last "
+                      "LM layer, outside the layers; a replay cannot finish there")
     store: list[list] = [[] for _ in range(n)]
-    hooks = recording_hooks(tower.layers, n, store)
+    hooks = recording_hooks(tower.layers, n, store, tower.added_after)
     answer_at = vlm.answer_start(base)
     full = compat.full_cache_inputs(vlm.model)  # every layer keeps every position (no sliding window)
     with torch.no_grad(), applied(vlm, base), vlm.attach(hooks):  # recorders run after the edits
         reference = vlm.logits({**base.inputs, **full, "use_cache": True})[0, answer_at].float()
-    store.append([((hooks[-1].value,), {})])
+    store.append([((hooks[n].value,), {})])
     inputs, keys, caches = [], set(), []
     for j, calls in enumerate(store):
         if len(calls) != 1:
@@ -242,6 +246,8 @@ def lm_start(vlm, base: Example) -> tuple[LMStart | None, str]:
     state = LMStart(layers, vlm.adapter.tail_modules(TOWER), inputs, answer_at, compat.attn_implementation(config),
                     tower.replay, next(iter(keys)) if len(keys) == 1 else None, reference, blocks=blocks,
                     softcap=vlm.adapter.logit_softcap(TOWER))
+    for j, hook in zip(tower.added_after, hooks[n + 1:]):  # what entered layer j + 1 beyond layer j's output
+        state.adds[j] = inputs[j + 1].hidden - hook.value
     checks, why = probes(vlm, base, state)
     why = why or _guarded_check(vlm, state, checks, 0)
     if why:

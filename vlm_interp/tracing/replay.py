@@ -1,8 +1,9 @@
 """The LM's recorded layer inputs, and their replay from a layer and a position (the fast path's data).
 
 :class:`LMStart` holds what the base run passed to every decoder layer (hidden states, the keywords
-the adapter's ``Tower.replay`` table describes, the key/value cache found by type) and cuts them for
-a batch of cells that start at layer ``l`` and position ``p``; the functions below record them with
+the adapter's ``Tower.replay`` table describes, the key/value cache found by type, and what the model
+adds to the residual stream between layers outside them where the adapter's ``Tower.added_after`` says
+so) and cuts them for a batch of cells that start at layer ``l`` and position ``p``; the functions below record them with
 the hook engine and say, in words, what cannot be replayed. :mod:`~vlm_interp.tracing.fast` decides
 when replaying applies and checks it.
 """
@@ -48,6 +49,9 @@ class LMStart:
     # one changes its earlier positions, so restarts and spans never cut through a block
     blocks: list[tuple[int, int]] = field(default_factory=list)
     softcap: float | None = None  # the final-logit soft cap after the tail (Tower.softcap)
+    # what the model added to the residual stream after layer j, outside the layers (adapter: Tower.added_after):
+    # the recorded input of layer j + 1 minus layer j's output, (1, T, H); replays add it after layer j
+    adds: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
@@ -125,14 +129,18 @@ class LMStart:
             stop = self.span_stop(layer, span_end)
             span = self._run(layer, self.inputs[layer].hidden[:, start:stop].repeat(rows, 1, 1), rows, start, stop)
             hidden, first = self.inputs[layer + 1].hidden[:, start:].repeat(rows, 1, 1), layer + 1
-            hidden[:, :stop - start] = span
+            hidden[:, :stop - start] = self._added(layer, span, start, stop)
         for j in range(first, len(self.layers)):
-            hidden = self._run(j, hidden, rows, start, self.seq_len)
+            hidden = self._added(j, self._run(j, hidden, rows, start, self.seq_len), start, self.seq_len)
         at = self.answer_at - start
         hidden = hidden[:, at:at + 1]
         for module in self.tail:
             hidden = primary_tensor(module(hidden), type(module).__name__)
         return soft_cap(hidden, self.softcap)[:, 0]
+
+    def _added(self, j: int, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layer ``j``'s output (positions ``start..stop-1``) plus what the model adds after it outside the layers."""
+        return hidden + self.adds[j][:, start:stop] if j in self.adds else hidden
 
     def _run(self, j: int, hidden: torch.Tensor, rows: int, start: int, stop: int) -> torch.Tensor:
         """Layer ``j`` on ``hidden`` (positions ``start..stop-1``), earlier keys and values from the base run.
@@ -191,8 +199,9 @@ def _cut(value: Any, spec: Replay, rows: int, start: int, stop: int, device) -> 
     return _rows(value[..., start:stop, :stop], rows, spec.batch_axis)
 
 
-def recording_hooks(tower_layers: str, n: int, store: list[list]) -> list[Hook]:
-    """Observer hooks recording each layer's call (input and keywords) into ``store[j]``, and the last output."""
+def recording_hooks(tower_layers: str, n: int, store: list[list], added_after: tuple[int, ...] = ()) -> list[Hook]:
+    """Observer hooks recording each layer's call (input and keywords) into ``store[j]``, the last output, and the
+    outputs of the layers after which the model adds to the residual stream (``added_after``), in that order."""
     def recorder(j: int):
         def record(args: tuple, kwargs: dict) -> None:
             store[j].append((args, dict(kwargs)))
@@ -200,7 +209,9 @@ def recording_hooks(tower_layers: str, n: int, store: list[list]) -> list[Hook]:
 
     hooks = [Hook(f"{tower_layers}.{j}", fn=recorder(j), kind="call", name=f"fast path: record LM layer {j}")
              for j in range(n)]
-    return hooks + [Hook(f"{tower_layers}.{n - 1}", capture=True, name="fast path: last LM layer output")]
+    hooks.append(Hook(f"{tower_layers}.{n - 1}", capture=True, name="fast path: last LM layer output"))
+    return hooks + [Hook(f"{tower_layers}.{j}", capture=True, name=f"fast path: LM layer {j} output before additions")
+                    for j in added_after]
 
 
 def layer_input(j: int, args: tuple, kwargs: dict) -> tuple[LayerInput | None, str | None, Any, str]:
