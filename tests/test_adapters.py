@@ -102,7 +102,9 @@ def raw_grab(model: nn.Module, path: str, kind: str) -> tuple[list, torch.utils.
     module = model.get_submodule(path)
     if kind == "input":
         def pre(mod, args, kwargs):
-            store.append(batched((args[0] if args else kwargs["hidden_states"]).detach().clone()))
+            # transformers 5.13 calls Mllama's vision layers with hidden_state=
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("hidden_state"))
+            store.append(batched(x.detach().clone()))
         return store, module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod, args, out):
@@ -118,8 +120,9 @@ def probe_position(ex: vi.Example, tower: str) -> int:
 def test_adapter_table_matches_config(vlm):
     a = vlm.adapter
     cfg = vlm.model.config
-    assert a.n_layers["vision"] == cfg.vision_config.num_hidden_layers
-    assert a.n_heads["vision"] == cfg.vision_config.num_attention_heads
+    vc = cfg.vision_config  # Qwen-VL's vision configs name these depth and num_heads (aliases from 5.2x)
+    assert a.n_layers["vision"] == (getattr(vc, "num_hidden_layers", None) or vc.depth)
+    assert a.n_heads["vision"] == (getattr(vc, "num_attention_heads", None) or vc.num_heads)
     if vlm.family == "blip":
         assert set(a.towers()) == {"vision", "text", "lm"}
     else:
