@@ -141,3 +141,17 @@ def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints, patch_size: i
 def unpad_image(features: torch.Tensor, original_size: torch.Tensor) -> torch.Tensor:
     """LLaVA-NeXT's removal of the padding rows or columns from a (channels, height, width) feature map."""
     return _llava_next_helper("unpad_image")(features, original_size)
+
+
+# ---- models placed by accelerate ---------------------------------------------------------
+def device_map(model: Any) -> dict | None:
+    """The module-to-device map of a model that accelerate placed (``from_pretrained(device_map=...)``), else None."""
+    found = getattr(model, "hf_device_map", None)
+    return dict(found) if found else None
+
+
+def accepts_keyword(module: Any, name: str) -> bool:
+    """Whether ``module.forward`` names ``name`` among its parameters (a catch-all ``**kwargs`` does not count)."""
+    import inspect
+
+    return name in inspect.signature(module.forward).parameters
