@@ -157,8 +157,8 @@ def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results:
              batch_size: int = 1) -> Path:
     """Answer ``items`` (this rank's share) and append each answer to ``results`` as one JSON line.
 
-    Every answer records the model, prompt suffix, ``max_new_tokens`` and ``intervention`` (a label
-    of the intervention the caller attached). Questions already in ``results`` (or in the
+    Every answer records the model, its weights' dtype, prompt suffix, ``max_new_tokens`` and
+    ``intervention`` (a label of the intervention the caller attached). Questions already in ``results`` (or in the
     ``also_done`` files of other ranks) are skipped (resume); an existing answer made with other
     settings, or to another question under the same id, is an error rather than a silent mix.
     ``batch_size`` questions are answered per forward and per ``generate`` (the answers are those
@@ -171,7 +171,8 @@ def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results:
     for other in also_done:
         if Path(other) != results:
             done.update(_done(Path(other)))
-    settings = {"model": vlm.name, "suffix": suffix, "max_new_tokens": max_new_tokens, "intervention": intervention}
+    settings = {"model": vlm.name, "dtype": str(vlm.dtype).removeprefix("torch."), "suffix": suffix,
+                "max_new_tokens": max_new_tokens, "intervention": intervention}
     _check_resumable(done, items, results, settings)
     mine = [it for k, it in enumerate(items) if k % world_size == rank and (it.split, it.question_id) not in done]
     window = 1 if batch_size == 1 else BATCH_WINDOW * batch_size  # batches are formed within a window of questions
