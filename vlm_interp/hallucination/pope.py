@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import batching
+from ..parallel import process_rank, share, wait
 from ..errors import VLMInterpError
 from ..example import Example
 from ..files import atomic_write, changed_settings, jsonl_rows, jsonl_text
@@ -174,7 +175,7 @@ def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results:
     settings = {"model": vlm.name, "dtype": str(vlm.dtype).removeprefix("torch."), "suffix": suffix,
                 "max_new_tokens": max_new_tokens, "intervention": intervention}
     _check_resumable(done, items, results, settings)
-    mine = [it for k, it in enumerate(items) if k % world_size == rank and (it.split, it.question_id) not in done]
+    mine = [it for it in share(items, rank, world_size) if (it.split, it.question_id) not in done]
     window = 1 if batch_size == 1 else BATCH_WINDOW * batch_size  # batches are formed within a window of questions
     with open(results, "a", encoding="utf-8") as out, \
             tqdm(total=len(mine), desc=f"POPE {vlm.name} (rank {rank})", disable=not progress) as bar:
@@ -228,27 +229,12 @@ def pope_table(frame: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["split", "source"], key=lambda c: c.map(order) if c.name == "split" else c)
 
 
-def process_rank() -> tuple[int, int, object | None]:
-    """(rank, world size, accelerate state) of this process: (0, 1, None) unless launched by accelerate."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, None
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        raise VLMInterpError("this process was launched with several workers but accelerate is not installed; "
-                             "pip install 'vlm-interp[dist]'") from None
-    # cpu=True lets accelerate form a gloo group on machines without GPUs (MULTI_CPU)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.num_processes, state
-
-
 def unanswered(items: Sequence[PopeItem], folder: "str | Path", rank: int = 0, world_size: int = 1) -> int:
     """How many of this rank's share of ``items`` have no answer yet in the per-rank files of ``folder``."""
     done: dict = {}
     for part in sorted((Path(folder) / "parts").glob("rank*.jsonl")):
         done.update(_done(part))
-    return sum((item.split, item.question_id) not in done
-               for k, item in enumerate(items) if k % world_size == rank)
+    return sum((item.split, item.question_id) not in done for item in share(items, rank, world_size))
 
 
 def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", folder: "str | Path",
@@ -268,8 +254,7 @@ def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", 
     existing = sorted(parts.glob("rank*.jsonl"))
     run_pope(vlm, items, images, parts / f"rank{rank}.jsonl", suffix, max_new_tokens, rank, world, progress,
              also_done=existing, intervention=intervention, batch_size=batch_size)
-    if state is not None:
-        state.wait_for_everyone()
+    wait(state)
     merged = folder / "results.jsonl"
     wanted = {(i.split, i.question_id) for i in items}
     if rank == 0:
@@ -277,8 +262,7 @@ def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", 
         have = set(zip(frame["split"], frame["question_id"]))
         if not wanted <= have:
             raise PopeFormatError(f"{len(wanted - have)} questions have no answer after the run; rerun to resume")
-    if state is not None:
-        state.wait_for_everyone()
+    wait(state)
     frame = load_results(merged)
     asked = [key in wanted for key in zip(frame["split"], frame["question_id"])]
     return frame[asked].reset_index(drop=True)
