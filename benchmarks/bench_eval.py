@@ -31,9 +31,9 @@ MODELS = ("zoo:shapes-llava", "zoo:shapes-instructblip", "zoo:shapes-blip")
 
 def pope_set(folder: Path, n_images: int) -> list:
     """The organisms' built-in POPE questions over ``n_images`` images (all three splits)."""
-    from vlm_interp.hallucination.compare import zoo_pope_folder
+    from vlm_interp.hallucination.sets import question_folder
 
-    return read_pope_folder(zoo_pope_folder(folder, n_images=n_images))
+    return read_pope_folder(question_folder("zoo", folder, n_images=n_images))
 
 
 def timed(vlm, items, images: Path, out: Path, batch_size: int, max_new_tokens: int) -> tuple[float, pd.DataFrame]:
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        items = pope_set(Path(tmp) / "pope", args.images)
+        items = pope_set(Path(tmp), args.images)
         for model in args.models:
             work = Path(tmp) / model.replace(":", "_")
             work.mkdir()
-            row = bench(model, items, Path(tmp) / "pope" / "images", work, args.batch_size, args.max_new_tokens,
+            row = bench(model, items, Path(tmp) / "pope_set" / "images", work, args.batch_size, args.max_new_tokens,
                         **load)
             rows.append(row)
             print(f"{model}: {row['questions']} questions, one at a time {row['one_at_a_time_qps']:.1f}/s, batches "
