@@ -1,8 +1,9 @@
 """Sweeps that shard over processes, run alone by tests/test_sweeps.py and under ``accelerate launch`` by it.
 
-``python tests/sharded_sweeps.py OUT`` runs dataset tracing (through the ``trace-dataset`` command),
-head scoring and the localisation study's probe scoring into ``OUT``; every process writes its
-share, and the main one writes the merged results to ``OUT/merged.json``.
+``python tests/sharded_sweeps.py OUT POPE_FOLDER`` runs POPE (through the ``pope`` command), dataset
+tracing (through ``trace-dataset``), head scoring and the localisation study's probe scoring into
+``OUT``; every process writes its share, and the main one writes the merged results to
+``OUT/merged.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def first_patch(vlm, item, ctx):
     return {("first patch", "0"): values}
 
 
-def run(out: Path) -> dict | None:
+def run(out: Path, pope_folder: Path) -> dict | None:
     import vlm_interp as vi
     from vlm_interp.cli import main
     from vlm_interp.interventions import score_heads
@@ -42,6 +43,7 @@ def run(out: Path) -> dict | None:
     from vlm_interp.tracing.results import Trace
     from vlm_interp.zoo.calibration import calibration_examples
 
+    main(["pope", "--model", "tiny:llava", "--questions", str(pope_folder), "--out", str(out / "pope")])
     main(["trace-dataset", "--model", MODEL, "--n", "4", "--components", "hidden,mlp", "--out", str(out / "trace")])
     vlm = vi.load(MODEL)
     heads = score_heads(vlm, calibration_examples(vlm, "object", 4), folder=out / "heads", progress=False)
@@ -60,4 +62,4 @@ def run(out: Path) -> dict | None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    run(Path(sys.argv[1]))
+    run(Path(sys.argv[1]), Path(sys.argv[2]))
