@@ -120,7 +120,7 @@ def plain_cell(vlm, corrupt, source, site, position: int, answer_id: int) -> flo
 def check_trace(vlm, clean, corrupt, stride: int, loop_cells: int, seed: int) -> dict:
     from vlm_interp.sites import Site
     from vlm_interp.tracing import fast
-    from vlm_interp.tracing.engine import Cell, capture, run_cells
+    from vlm_interp.tracing.engine import Cell, run_cells, site_activations
     from vlm_interp.tracing.memory import planned_bytes
     from vlm_interp.tracing.metrics import make_metric
 
@@ -130,7 +130,7 @@ def check_trace(vlm, clean, corrupt, stride: int, loop_cells: int, seed: int) ->
     layers = list(range(int(rng.integers(stride)), n_layers, stride))
     cells = [Cell((Site("lm", c, l),), (p,)) for c in components for l in layers for p in range(n_tokens)]
     metric = make_metric(vlm, clean, "prob")
-    source = capture(vlm, clean, {s for c in cells for s in c.sites})
+    source = site_activations(vlm, clean, {s for c in cells for s in c.sites})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -170,7 +170,7 @@ def self_check_margin(vlm, corrupt) -> dict:
         offset = state.start_position(position)
         for probe in checks:
             hook = vlm.hook(probe.site, fast._add_at(1, probe.position, probe.delta, offset))
-            with torch.no_grad(), vlm.hooks([hook]):
+            with torch.no_grad(), vlm.attach([hook]):
                 got = state.logits(2, probe.layer, position, probe.position if probe.span else None).float()
             worst = max(worst, float((got[0] - state.reference).abs().max()),
                         float((got[1] - probe.expected).abs().max()))
@@ -210,7 +210,7 @@ def check_pope(vlm, n_images: int, batch_size: int) -> dict:
     from vlm_interp.hallucination.compare import read_pope_folder
     from vlm_interp.hallucination.pope import load_results, run_pope
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
-    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.pope_set import write_pope
     from vlm_interp.zoo.shapes import World
 
     with tempfile.TemporaryDirectory() as tmp:

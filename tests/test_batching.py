@@ -16,7 +16,7 @@ from vlm_interp.corruptions import noise
 @pytest.fixture(scope="module")
 def pope_folder(tmp_path_factory):
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
-    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.pope_set import write_pope
     from vlm_interp.zoo.shapes import World
 
     folder = tmp_path_factory.mktemp("pope")

@@ -23,7 +23,7 @@ import sharded_sweeps  # noqa: E402
 def test_two_processes_equal_one(tmp_path):
     from vlm_interp.hallucination.pope import load_results
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
-    from vlm_interp.zoo.pope import write_pope
+    from vlm_interp.zoo.pope_set import write_pope
     from vlm_interp.zoo.shapes import World
 
     pope_folder = tmp_path / "pope_questions"

@@ -57,7 +57,7 @@ def calibration_pairs(vlm, level: str = "object", n: int = 50, seed: int = CALIB
     edit flips, only when it is called (a resumed run prepares nothing it has traced).
     """
     from ..corruptions import from_shapes_pair
-    from .pairs import NoMinimalPairError, minimal_pair
+    from .scene_pairs import NoMinimalPairError, minimal_pair
 
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; levels are {LEVELS}")
