@@ -17,6 +17,7 @@ the AUROC of its values against the object's patches (from the scene graph). Pro
 Writes ``OUT/localisation.md`` and ``OUT/localisation.json`` atomically. Reproduce with::
 
     python scripts/localisation.py --limit 100
+    accelerate launch --num_processes 4 scripts/localisation.py --limit 100   # examples shared by 4 processes
 
 (``--llava`` / ``--instructblip`` take other organisms, such as retrained ones; ``--instructblip none``
 skips it.) The study's examples, maps and scores come from ``vlm_interp.zoo.localisation``; the probes,
@@ -30,6 +31,7 @@ import hashlib
 import inspect
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -39,17 +41,19 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 import vlm_interp as vi
 from vlm_interp.corruptions import noise
 from vlm_interp.example import Example
 from vlm_interp.files import atomic_write
 from vlm_interp.hooks import Hook
+from vlm_interp.parallel import process_rank, share, wait
 from vlm_interp.hallucination.compare import markdown_table, slug
 from vlm_interp.tracing import trace
 from vlm_interp.tracing.baselines import patch_feature_ablation, pixel_integrated_gradients
 from vlm_interp.zoo.evaluate import EVAL_SEED
-from vlm_interp.zoo.localisation import (Context, Item, Maps, best_layers, by_kind, score, select, summarise,
+from vlm_interp.zoo.localisation import (Context, Item, Maps, best_layers, by_kind, score_example, select, summarise,
                                          trace_maps, world_for)
 
 # ---------------------------------------------------------------- probes
@@ -184,30 +188,47 @@ def _table(header: list[str], rows: list[list]) -> str:
 def run_model(model: str, probes: list[tuple[Callable, int]], args: argparse.Namespace, ctx: Context) -> dict:
     """Select examples for one organism, run each probe on its first ``limit`` examples, and summarise.
 
-    Each probe set's rows are kept in ``OUT/localisation-parts`` under a fingerprint of everything they
-    depend on, so an interrupted or extended study reruns only the sets that are missing."""
+    Each probe set's rows are kept in ``OUT/localisation-parts``, one file per example, under a fingerprint of
+    everything they depend on, so an interrupted or extended study reruns only the examples that are missing;
+    under ``accelerate launch`` the examples are shared among the processes."""
     start = time.time()
     vlm = vi.load(model)
     world = world_for(model)
     items, skipped = select(vlm, world, max(limit for _, limit in probes), args.seed, args.max_scenes)
     rows, seconds = [], {}
     for probe, limit in probes:
-        part = Path(args.out) / "localisation-parts" / f"{slug(model)}-{probe.__name__}.json"
-        key = part_key(model, probe, limit, args, ctx)
-        saved = json.loads(part.read_text()) if part.exists() else None
-        if saved is None or saved["key"] != key:
-            t = time.time()
-            saved = {"key": key, "rows": score(items[:limit], probe, vlm, ctx, desc=f"{probe.__name__} {model}"),
-                     "seconds": round(time.time() - t, 1)}
-            part.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(part, json.dumps(saved))
-        rows += saved["rows"]
-        seconds[probe.__name__] = saved["seconds"]
+        part = Path(args.out) / "localisation-parts" / f"{slug(model)}-{probe.__name__}"
+        found, seconds[probe.__name__] = score_parts(items[:limit], probe, vlm, ctx, f"{probe.__name__} {model}",
+                                                     part, part_key(model, probe, limit, args, ctx))
+        rows += found
     summary = summarise(rows, args.n_boot, args.seed)
     return {"model": model, "family": vlm.family, "n_examples": len(items), "skipped": skipped,
             "scenes_seen": sum(skipped.values()) + len(items), "summary": summary, "best": best_layers(summary),
             "by_kind": by_kind(rows, world, summary), "rows": rows, "seconds": round(time.time() - start, 1),
             "seconds_per_probe_set": seconds}
+
+
+def score_parts(items: list[Item], probe: Callable, vlm, ctx: Context, desc: str, part: Path,
+                key: dict) -> tuple[list[dict], float]:
+    """Rows of every example (``score_example``) and the seconds they took, each example's kept in ``part/<n>.json``;
+    ``part/key.json`` holds what they depend on, and a folder made with another key starts over.
+
+    Under ``accelerate launch`` each process scores its share of the examples (vlm_interp.parallel), then all
+    read every example's rows back."""
+    rank, world, state = process_rank()
+    if rank == 0 and (not (part / "key.json").exists() or json.loads((part / "key.json").read_text()) != key):
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        atomic_write(part / "key.json", json.dumps(key))
+    wait(state)
+    for n in tqdm(share(range(len(items)), rank, world), desc=desc):
+        if not (part / f"{n}.json").exists():
+            t = time.time()
+            rows = score_example(n, items[n], probe, vlm, ctx)
+            atomic_write(part / f"{n}.json", json.dumps({"rows": rows, "seconds": time.time() - t}))
+    wait(state)
+    saved = [json.loads((part / f"{n}.json").read_text()) for n in range(len(items))]
+    return [row for s in saved for row in s["rows"]], round(sum(s["seconds"] for s in saved), 1)
 
 
 def part_key(model: str, probe: Callable, limit: int, args: argparse.Namespace, ctx: Context) -> dict:
@@ -295,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_model(args.instructblip, [(instructblip_probes, args.limit), (attribution_probes, args.limit),
                                                      (instructblip_explore, min(args.explore, args.limit))], args, ctx))
     command = "python scripts/localisation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if process_rank()[0] != 0:  # under accelerate launch every process holds the results; the main one writes them
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "python": platform.python_version(), "torch": torch.__version__,
             "vlm_interp": getattr(vi, "__version__", ""), "args": vars(args),

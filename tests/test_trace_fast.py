@@ -14,7 +14,7 @@ from vlm_interp.adapters.base import Replay
 from vlm_interp.corruptions import InputEdit, applied, noise
 from vlm_interp.sites import Site
 from vlm_interp.tiny import tiny
-from vlm_interp.tracing import engine, fast, trace
+from vlm_interp.tracing import engine, fast, memory, trace
 from vlm_interp.tracing.engine import Cell, run_cells, site_activations
 from vlm_interp.tracing.metrics import make_metric
 
@@ -323,17 +323,17 @@ def test_auto_batch_size_follows_free_memory(image, monkeypatch):
     per_row_fast = engine.row_bytes(vlm, corrupt, state)
     per_row = engine.row_bytes(vlm, corrupt)
     assert per_row > per_row_fast > 0  # a run from inside the LM holds less than a whole-model run
-    monkeypatch.setattr(engine, "available_memory", lambda device: 10 ** 12)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 10 ** 12)
     assert engine.auto_batch_size(vlm, corrupt, 1000) == engine.MAX_AUTO_BATCH
     assert engine.auto_batch_size(vlm, corrupt, 5) == 5  # never more rows than cells
-    monkeypatch.setattr(engine, "available_memory", lambda device: int(per_row * 3 / engine.MEMORY_FRACTION))
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(per_row * 3 / engine.MEMORY_FRACTION))
     assert engine.auto_batch_size(vlm, corrupt, 1000) == 3
-    monkeypatch.setattr(engine, "available_memory", lambda device: 1)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1)
     assert engine.auto_batch_size(vlm, corrupt, 1000) == 1
-    monkeypatch.setattr(engine, "available_memory", lambda device: None)
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)
     assert engine.auto_batch_size(vlm, corrupt, 1000) == engine.FALLBACK_BATCH
     # a tiny budget still traces, one cell per forward
-    monkeypatch.setattr(engine, "available_memory", lambda device: 1)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1)
     small = trace(vlm, clean, corrupt, components=["lm.mlp"], tokens=["image", "last"], progress=False)
     monkeypatch.undo()
     big = trace(vlm, clean, corrupt, components=["lm.mlp"], tokens=["image", "last"], batch_size=64, progress=False)

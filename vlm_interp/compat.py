@@ -220,3 +220,15 @@ def fit_to_canvas(image_hw: tuple[int, int], canvas_hw: tuple[int, int], tile: i
                                  f"(tested with {TESTED[0]}..{TESTED[1]})")
     height, width = helper(int(image_hw[0]), int(image_hw[1]), int(canvas_hw[0]), int(canvas_hw[1]), int(tile))
     return int(height), int(width)
+# ---- models placed by accelerate ---------------------------------------------------------
+def device_map(model: Any) -> dict | None:
+    """The module-to-device map of a model that accelerate placed (``from_pretrained(device_map=...)``), else None."""
+    found = getattr(model, "hf_device_map", None)
+    return dict(found) if found else None
+
+
+def accepts_keyword(module: Any, name: str) -> bool:
+    """Whether ``module.forward`` names ``name`` among its parameters (a catch-all ``**kwargs`` does not count)."""
+    import inspect
+
+    return name in inspect.signature(module.forward).parameters

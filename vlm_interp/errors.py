@@ -48,3 +48,8 @@ class CorruptionError(VLMInterpError, ValueError):
 
 class ResumeError(VLMInterpError, ValueError):
     """A folder a run would resume from holds results made with other settings than the run's own."""
+
+
+class LoadError(VLMInterpError, ValueError):
+    """A checkpoint cannot be loaded as asked: options that contradict each other, an unknown option, or a
+    quantization this machine cannot run."""

@@ -68,7 +68,18 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: a placed model's first accelerator in its device map (accelerate's main device; CPU when it
+        has none), else where its parameters are. A placed model is never moved (see :func:`vlm_interp.load`)."""
+        placed = compat.device_map(self.model)
+        if placed is None:
+            return next(self.model.parameters()).device
+        devices = [d for d in placed.values() if d not in ("cpu", "disk")]
+        return torch.device(devices[0] if devices else "cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the model's weights (the first floating parameter's)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def image_token(self) -> str | None:

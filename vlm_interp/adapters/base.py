@@ -59,6 +59,23 @@ class Replay:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """How batched evaluation joins one processor output over examples whose lengths differ.
+
+    ``side``: where the fill goes; a decoder LM's prompt is padded on the left, so that every
+    row's last prompt token ends the sequence and generation continues from it. ``fill``: a
+    number, or processor attribute paths tried in order (``"tokenizer.pad_token_id"``), the first
+    that is set. ``axis``: the axis whose length differs. ``tower``: the tower whose positions
+    left padding shifts (the engine adds the fill's length to that tower's token groups).
+    """
+
+    side: Literal["left", "right"]
+    fill: float | tuple[str, ...] = 0
+    axis: int = 1
+    tower: str | None = None
+
+
+@dataclass(frozen=True)
 class Tower:
     """One stack of layers: where it lives, what each component is, how many heads it has.
 
@@ -202,6 +219,9 @@ class Adapter:
     # whose tokens attend to each other both ways (Gemma 3's image tokens, PaliGemma's whole prompt). None: causal
     # everywhere. A patch inside a block changes the block's earlier positions; the fast tracing path reads this.
     attention_blocks: Callable[[Any, dict], Blocks] | None = None
+    # how batched evaluation pads each processor output (vlm_interp/batching.py); an input not listed must have the
+    # same shape in every example of a batch, so examples are grouped by it
+    padding: dict[str, Padding] = field(default_factory=dict)
     notes: str = ""
 
 

@@ -36,4 +36,8 @@ def build(config) -> Adapter:
                                      "the LM)"),
             "patches": BLIP_PATCHES,
         },
+        # no padding: the answer decoder's cross-attention reads padded question positions (transformers passes it
+        # no mask for them in generate, and its forward's mask does not reach the scores; measured with 5.24), so
+        # batched evaluation groups questions of equal token length
+        padding={},
     )

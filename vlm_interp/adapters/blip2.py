@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Tower
-from .tables import BLIP_PATCHES, BLIP_VISION_LAYER, QFORMER_LAYER, QFORMER_QUERIES, lm_tower
+from .base import Adapter, Padding, Tower
+from .tables import BLIP_PATCHES, BLIP_VISION_LAYER, DECODER_PADDING, QFORMER_LAYER, QFORMER_QUERIES, lm_tower
 
 BLIP2_CLASSES = ("Blip2ForConditionalGeneration",)
 INSTRUCTBLIP_CLASSES = ("InstructBlipForConditionalGeneration",)
@@ -36,7 +36,15 @@ def build_blip2(config) -> Adapter:
         patch_map_tower="vision",
         vision_root="vision_model",
         noise_places={"embeddings": QFORMER_QUERIES, "patches": BLIP_PATCHES},
+        padding=DECODER_PADDING,
     )
+
+
+# the Q-Former reads its instruction after the queries, both ways (no causal order): padding on the right moves nothing
+QFORMER_PADDING = {
+    "qformer_input_ids": Padding("right", ("qformer_tokenizer.pad_token_id",)),
+    "qformer_attention_mask": Padding("right", 0),
+}
 
 
 def build_instructblip(config) -> Adapter:
@@ -51,4 +59,5 @@ def build_instructblip(config) -> Adapter:
         patch_map_tower="vision",
         vision_root="vision_model",
         noise_places={"embeddings": QFORMER_QUERIES, "patches": BLIP_PATCHES},
+        padding={**DECODER_PADDING, **QFORMER_PADDING},
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter, NoisePlace, Tower
-from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, lm_tower
+from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, DECODER_PADDING, lm_tower
 
 MODEL_CLASSES = ("LlavaForConditionalGeneration",)
 # the projector MLP that maps each CLIP token into the LM: its two linear layers, around its activation
@@ -46,4 +46,5 @@ def build(config) -> Adapter:
                                      "projected image features, scattered in order into the LM's image-token positions"),
             "patches": CLIP_PATCHES,
         },
+        padding=DECODER_PADDING,
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import compat, geometry
-from .base import Adapter, NoisePlace
+from .base import Adapter, NoisePlace, Padding
 from .llava import PATCH_PROJECTOR, clip_vision_tower, lm_image_boxes as base_grid_boxes
-from .tables import CLIP_PATCHES, lm_tower
+from .tables import CLIP_PATCHES, DECODER_PADDING, lm_tower
 
 MODEL_CLASSES = ("LlavaNextForConditionalGeneration",)
 
@@ -63,4 +63,7 @@ def build(config) -> Adapter:
                                      "are the LM's"),
             "patches": CLIP_PATCHES,
         },
+        # images of different shapes are cut into different numbers of tiles; the model keeps each image's own
+        # tiles (by image_sizes), so the tile axis is padded with blank tiles
+        padding={**DECODER_PADDING, "pixel_values": Padding("right", 0.0, axis=1)},
     )

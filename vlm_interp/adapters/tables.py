@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UnknownArchitectureError
-from .base import NoisePlace, Replay, Slot, Tower
+from .base import NoisePlace, Padding, Replay, Slot, Tower
 
 # Decoder-only language models, keyed by the text config's model_type.
 LLAMA_LAYER: dict[str, Slot] = {
@@ -50,6 +50,13 @@ DECODER_REPLAY: dict[str, Replay] = {
     "position_embeddings": Replay("pair", seq_axis=-2, batch_axis=0),  # rotary (cos, sin), each (batch, positions, dim)
     "use_cache": Replay("constant"),
     "output_attentions": Replay("constant"),
+}
+
+# Batched evaluation of a decoder LM's prompts: left padding keeps each row's last prompt token at the end.
+TOKEN_FILL = ("tokenizer.pad_token_id", "tokenizer.eos_token_id")
+DECODER_PADDING: dict[str, Padding] = {
+    "input_ids": Padding("left", TOKEN_FILL, tower="lm"),
+    "attention_mask": Padding("left", 0),
 }
 
 # Noise places shared by several families (see vlm_interp/corruptions/noise.py).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, INTERVENTION_HELP, intervention_context, named_interventions, positive
+from .common import (DEFAULT_MODEL, INTERVENTION_HELP, add_load_args, intervention_context, load_model, load_options,
+                     named_interventions, positive)
 
 
 def _own_questions(args: argparse.Namespace) -> str | None:
@@ -26,17 +27,17 @@ def _questions_folder(args: argparse.Namespace) -> Path:
 
 
 def _pope(args: argparse.Namespace) -> int:
-    import vlm_interp as vi
     from vlm_interp.files import atomic_write
     from vlm_interp.hallucination.compare import markdown_table, read_pope_folder
     from vlm_interp.hallucination.pope import pope_table, process_rank, run_pope_sharded
 
     folder = _questions_folder(args)
     items = read_pope_folder(folder, args.splits)
-    vlm = vi.load(args.model)
+    vlm = load_model(args)
     with intervention_context(args, vlm):
         frame = run_pope_sharded(vlm, items, folder / "images", Path(args.out), suffix=args.suffix,
-                                 max_new_tokens=args.max_new_tokens, intervention=args.intervention or "none")
+                                 max_new_tokens=args.max_new_tokens, intervention=args.intervention or "none",
+                                 batch_size=args.batch_size)
     if process_rank()[0] == 0:
         table = pope_table(frame)
         atomic_write(Path(args.out) / "table.csv", table.to_csv(index=False))
@@ -50,15 +51,15 @@ def _pope(args: argparse.Namespace) -> int:
 def _chair(args: argparse.Namespace) -> int:
     import json
 
-    import vlm_interp as vi
     from vlm_interp.hallucination.chair import run_chair
     from vlm_interp.files import atomic_write
 
     folder = _questions_folder(args)
-    vlm = vi.load(args.model)
+    vlm = load_model(args)
     with intervention_context(args, vlm):
         scores, metrics = run_chair(vlm, folder / "captions.jsonl", folder / "images", vocab=args.vocab,
-                                    prompt=args.prompt, max_new_tokens=args.max_new_tokens, limit=args.limit)
+                                    prompt=args.prompt, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                    batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "chair_captions.csv", scores.to_csv(index=False))
@@ -72,7 +73,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     result = compare(args.models, benchmark=args.benchmark, questions=_own_questions(args), out=args.out,
                      splits=args.splits, suffix=args.suffix, max_new_tokens=args.max_new_tokens,
-                     interventions=named_interventions(args.intervention), n_images=args.images)
+                     interventions=named_interventions(args.intervention), n_images=args.images,
+                     batch_size=args.batch_size, load_options=load_options(args))
     print(markdown_table(result.table[["system", "split", "source", "accuracy", "accuracy_lo", "accuracy_hi",
                                        "f1", "yes_ratio", "n"]]))
     if len(result.tests):
@@ -88,6 +90,9 @@ def _add_benchmark_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--images", type=positive, help="images in the built-in set (default 400, as the organism cards "
                    "use); not with --questions")
     p.add_argument("--out", default=default_out)
+    p.add_argument("--batch-size", type=positive, default=1, help="questions answered at once (default 1; the answers "
+                   "equal one at a time)")
+    add_load_args(p)
     p.set_defaults(check=lambda args: _check_benchmark_args(args, p))
 
 

@@ -55,3 +55,36 @@ def named_interventions(specs: list[str] | None) -> dict:
             name, spec = text, text
         out[name] = from_spec(spec)
     return out
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """Where and in what precision the models of a command load (see :func:`vlm_interp.load`)."""
+    p.add_argument("--dtype", help="weights' type: bf16, fp16, fp32 or auto (default: what transformers picks)")
+    place = p.add_mutually_exclusive_group()
+    place.add_argument("--device", help="device for the whole model, e.g. cuda:0 (default cpu)")
+    place.add_argument("--device-map", help="let accelerate place the model: auto, balanced, sequential")
+    p.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE",
+                   help="memory per device for --device-map, e.g. 0=70GiB 1=70GiB cpu=100GiB")
+    p.add_argument("--offload-folder", help="folder for weights --device-map offloads to disk")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The keywords of :func:`vlm_interp.load` that the options of :func:`add_load_args` give."""
+    memory = None
+    if args.max_memory:
+        memory = {}
+        for item in args.max_memory:
+            device, sep, size = item.partition("=")
+            if not sep or not size:
+                raise SystemExit(f"--max-memory {item!r}: write DEVICE=SIZE, for example 0=70GiB or cpu=100GiB")
+            memory[int(device) if device.isdigit() else device] = size
+    options = {"dtype": args.dtype, "device": args.device, "device_map": args.device_map, "max_memory": memory,
+               "offload_folder": args.offload_folder}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def load_model(args: argparse.Namespace, name: str | None = None):
+    """The VLM named by ``--model`` (or ``name``), loaded with the command's placement options."""
+    import vlm_interp as vi
+
+    return vi.load(name or args.model, **load_options(args))

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, positive
+from .common import DEFAULT_MODEL, add_load_args, load_model, positive
 
 
 def _heads_score(args: argparse.Namespace) -> int:
-    import vlm_interp as vi
     from vlm_interp.interventions import plot_head_scores, score_heads
+    from vlm_interp.parallel import process_rank
     from vlm_interp.zoo.calibration import calibration_examples
 
-    vlm = vi.load(args.model)
+    vlm = load_model(args)
     out = Path(args.out)
     examples = calibration_examples(vlm, args.level, args.n, seed=args.seed)
     scores = score_heads(vlm, examples, tower=args.tower, component=args.component, ablation=args.ablation,
                          folder=out.with_suffix(".parts"), level=args.level)
+    if process_rank()[0] != 0:  # under accelerate launch every process holds all scores; the main one writes them
+        return 0
     scores.save(out)
     plot_head_scores({args.level: scores}, out.with_suffix(".png"))
     right = int(scores.data.coords["correct"].values.sum())
@@ -28,14 +30,13 @@ def _heads_score(args: argparse.Namespace) -> int:
 
 
 def _iri_plan(args: argparse.Namespace) -> int:
-    import vlm_interp as vi
     from vlm_interp.corruptions import noise
     from vlm_interp.files import check_settings
     from vlm_interp.interventions import plan_from_recovery
     from vlm_interp.tracing.dataset import trace_dataset
     from vlm_interp.zoo.calibration import calibration_examples
 
-    vlm = vi.load(args.model)
+    vlm = load_model(args)
     out = Path(args.out)
     parts = out.with_suffix(".parts")  # one trace per question, kept for resuming (its key names --seed)
     check_settings(parts, {"model": vlm.name, "noise": args.noise}, fix="use another --out")
@@ -59,7 +60,8 @@ def add(sub) -> None:
     """Register this group's commands on the ``vlm-interp`` subparsers."""
     heads = sub.add_parser("heads", help="attention-head scores for interventions")
     heads_sub = heads.add_subparsers(dest="heads_command", required=True)
-    hs = heads_sub.add_parser("score", help="ablate each head on calibration questions and score it (V-SEAM)")
+    hs = heads_sub.add_parser("score", help="ablate each head on calibration questions and score it (V-SEAM); shard "
+                              "with `accelerate launch -m vlm_interp.cli heads score ...`")
     hs.add_argument("--model", default=DEFAULT_MODEL)
     hs.add_argument("--level", default="object", choices=["object", "attribute", "relation"],
                     help="shapes-world calibration questions: existence, colour or relation")
@@ -70,6 +72,7 @@ def add(sub) -> None:
     hs.add_argument("--ablation", default="mean", choices=["mean", "zero", "dataset_mean"])
     hs.add_argument("--top", type=positive, default=8, help="heads to print")
     hs.add_argument("--out", default="head-scores.nc", help=".nc or .json; per-example parts go next to it")
+    add_load_args(hs)
     hs.set_defaults(run=_heads_score)
     iri = sub.add_parser("iri", help="intermediate representation injection plans")
     iri_sub = iri.add_subparsers(dest="iri_command", required=True)
@@ -83,4 +86,5 @@ def add(sub) -> None:
     ip.add_argument("--attn", type=float, default=0.5, help="coefficient of attention injection")
     ip.add_argument("--mlp", type=float, default=0.5, help="coefficient of MLP injection")
     ip.add_argument("--out", default="iri-plan.json")
+    add_load_args(ip)
     ip.set_defaults(run=_iri_plan)

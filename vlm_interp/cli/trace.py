@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, load_image, positive
+from .common import DEFAULT_MODEL, add_load_args, load_image, load_model, positive
 
 
 def _check_trace_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -20,13 +20,12 @@ def _trace(args: argparse.Namespace) -> int:
 
     import torch
 
-    import vlm_interp as vi
     from vlm_interp.corruptions import from_spec
     from vlm_interp.tracing import trace
     from vlm_interp.tracing.engine import FAST_PATHS
     from vlm_interp.tracing.plot import plot_image_effects, plot_trace
 
-    vlm = vi.load(args.model)
+    vlm = load_model(args)
     image, mask = load_image(args.image, args.question)
     region = tuple(float(v) for v in args.region.split(",")) if args.region else mask
     ex = vlm.prepare(image, args.question, region=region)
@@ -82,4 +81,5 @@ def add(sub) -> None:
                          "warning (same numbers); fast: require the fast path (error if it cannot apply); general: "
                          "whole-model forwards only")
     tr.add_argument("--out", default="vlm-interp-trace")
+    add_load_args(tr)
     tr.set_defaults(run=_trace)

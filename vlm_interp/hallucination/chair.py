@@ -124,20 +124,39 @@ def read_caption_truth(path: "str | Path") -> list[dict]:
 
 def run_chair(vlm, truth_file: "str | Path", images: "str | Path", vocab: "str | Vocabulary" = "shapes",
               prompt: str = "Describe the image.", max_new_tokens: int = 32, limit: int | None = None,
-              progress: bool = True) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Caption every image with ``vlm`` (greedy) and score the captions with CHAIR."""
+              progress: bool = True, batch_size: int = 1) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Caption every image with ``vlm`` (greedy) and score the captions with CHAIR.
+
+    ``batch_size`` images are captioned per ``generate`` (:mod:`vlm_interp.batching`); the captions
+    are those of one at a time.
+    """
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from .. import batching
+
+    batching.check_batch_size(batch_size)
     vocab = Vocabulary.load(vocab) if isinstance(vocab, str) else vocab
     truth = read_caption_truth(truth_file)[:limit]
-    captions = []
-    for row in tqdm(truth, desc=f"CHAIR {vlm.name}", disable=not progress):
-        path = Path(images) / row["image"]
-        if not path.exists():
-            raise FileNotFoundError(f"{truth_file}: image {row['image']!r} not found in {images}")
-        ex = vlm.prepare(Image.open(path).convert("RGB"), prompt)
-        captions.append(vlm.generate(ex, max_new_tokens=max_new_tokens))
+    captions: list[str] = []
+    with tqdm(total=len(truth), desc=f"CHAIR {vlm.name}", disable=not progress) as bar:
+        for lo in range(0, len(truth), batch_size):
+            examples = []
+            for row in truth[lo:lo + batch_size]:
+                path = Path(images) / row["image"]
+                if not path.exists():
+                    raise FileNotFoundError(f"{truth_file}: image {row['image']!r} not found in {images}")
+                examples.append(vlm.prepare(Image.open(path).convert("RGB"), prompt))
+            if batch_size == 1:
+                captions.append(vlm.generate(examples[0], max_new_tokens=max_new_tokens))
+            else:
+                texts: list[str] = [""] * len(examples)
+                for index in batching.plan(vlm, examples, batch_size):
+                    batch = batching.collate(vlm, [examples[i] for i in index])
+                    for i, text in zip(index, batching.generate(vlm, batch, max_new_tokens=max_new_tokens)):
+                        texts[i] = text
+                captions += texts
+            bar.update(len(examples))
     scores = chair_scores(captions, [set(r["objects"]) for r in truth], vocab)
     scores.insert(0, "image", [r["image"] for r in truth])
     return scores, chair_metrics(scores)

@@ -91,14 +91,17 @@ def paired_tests(results: dict[str, pd.DataFrame], source_column: str) -> pd.Dat
 def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "str | Path | None" = None,
             out: "str | Path" = "vlm-interp-compare", interventions: dict[str, Intervention] | None = None,
             splits: Sequence[str] = SPLITS, suffix: str = "", max_new_tokens: int = 8, n_boot: int = 1000,
-            progress: bool = True, n_images: int | None = None) -> Comparison:
+            progress: bool = True, n_images: int | None = None, batch_size: int = 1,
+            load_options: dict | None = None) -> Comparison:
     """Evaluate each model (with each intervention, plus the unmodified model) on the same questions.
 
     ``questions`` is a folder with ``<split>.jsonl`` and ``images/``, or the name of a built-in set
     (:func:`~vlm_interp.hallucination.sets.question_folder`; ``None`` is ``"zoo"``, the shapes-world
     set, over ``n_images`` images: default 400, only for a built-in set). Writes
     ``table.csv``, ``table.md``, ``tests.csv`` and ``compare.png`` to ``out``; per-question answers
-    stay in ``out/<system>/results.jsonl`` and interrupted runs resume from them. Each answer
+    stay in ``out/<system>/results.jsonl`` and interrupted runs resume from them. ``batch_size``
+    questions are answered at once (:func:`~vlm_interp.hallucination.pope.run_pope`); models given
+    by name load with ``load_options`` (``dtype``, ``device_map``..., see :func:`~vlm_interp.load`). Each answer
     records its intervention's ``spec`` (as :func:`~vlm_interp.interventions.from_spec` sets it) or
     else its name, so a resumed system whose intervention changed is an error, not a silent mix.
     """
@@ -113,7 +116,7 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
     tables = []
     rank, world, _ = process_rank()
     for model in models:
-        vlm = load(model) if isinstance(model, str) else model
+        vlm = load(model, **(load_options or {})) if isinstance(model, str) else model
         for name, make in variants.items():
             system = vlm.name if name == "none" else f"{vlm.name} + {name}"
             # a finished (resumed) system runs no forward, so its intervention must not be attached
@@ -122,7 +125,7 @@ def compare(models: Sequence["str | VLM"], benchmark: str = "pope", questions: "
             with make(vlm) if needed else contextlib.nullcontext():
                 frame = run_pope_sharded(vlm, items, folder / "images", out / slug(system), suffix=suffix,
                                          max_new_tokens=max_new_tokens, progress=progress,
-                                         intervention=getattr(make, "spec", name))
+                                         intervention=getattr(make, "spec", name), batch_size=batch_size)
             results[system] = frame
             tables.append(pope_table(frame, n_boot=n_boot).assign(system=system, intervention=name))
     table = pd.concat(tables, ignore_index=True)

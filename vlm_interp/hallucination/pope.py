@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import batching
+from ..parallel import process_rank, share, wait
 from ..errors import VLMInterpError
 from ..example import Example
 from ..files import atomic_write, changed_settings, jsonl_rows, jsonl_text
@@ -93,28 +95,45 @@ def _done(results: Path) -> dict[tuple[str, int], dict]:
     return done
 
 
+def _yes_no(vlm: VLM, ex: Example, logits: torch.Tensor) -> dict:
+    """P(yes), P(no) and the answer whose logit is higher, from the first answer token's logits (float32)."""
+    yes, no = vlm.encode_answer(ex, "yes")[0], vlm.encode_answer(ex, "no")[0]
+    p = torch.softmax(logits.float(), -1)
+    return {"p_yes": float(p[yes]), "p_no": float(p[no]), "logit_answer": "yes" if logits[yes] > logits[no] else "no"}
+
+
 @torch.no_grad()
 def logit_answer(vlm: VLM, ex: Example) -> dict:
     """The first-token reading of a yes/no question: P(yes), P(no) and the answer whose logit is higher."""
-    logits = vlm.first_token_logits(ex)
-    yes, no = vlm.encode_answer(ex, "yes")[0], vlm.encode_answer(ex, "no")[0]
-    p = torch.softmax(logits, -1)
-    return {"p_yes": float(p[yes]), "p_no": float(p[no]), "logit_answer": "yes" if logits[yes] > logits[no] else "no"}
+    return _yes_no(vlm, ex, vlm.first_token_logits(ex))
+
+
+def _row(item: PopeItem, suffix: str, text: str, reading: dict) -> dict:
+    return {**asdict(item), "suffix": suffix, "answer_text": text, "parsed": parse_yes_no(text),
+            "explicit": is_explicit(text), **reading}
 
 
 @torch.no_grad()
 def answer(vlm: VLM, item: PopeItem, image: Image.Image, suffix: str, max_new_tokens: int) -> dict:
     """Answer one question by generation and by first-token logits."""
     ex = vlm.prepare(image, item.text + suffix)
-    text = vlm.generate(ex, max_new_tokens=max_new_tokens)
-    return {
-        **asdict(item),
-        "suffix": suffix,
-        "answer_text": text,
-        "parsed": parse_yes_no(text),
-        "explicit": is_explicit(text),
-        **logit_answer(vlm, ex),
-    }
+    return _row(item, suffix, vlm.generate(ex, max_new_tokens=max_new_tokens), logit_answer(vlm, ex))
+
+
+@torch.no_grad()
+def answer_many(vlm: VLM, items: Sequence[PopeItem], images: Sequence[Image.Image], suffix: str,
+                max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Answer several questions in batches of up to ``batch_size`` (:mod:`vlm_interp.batching`); the rows equal
+    :func:`answer`'s, in the order of ``items``."""
+    examples = [vlm.prepare(image, item.text + suffix) for item, image in zip(items, images, strict=True)]
+    rows: list[dict | None] = [None] * len(examples)
+    for index in batching.plan(vlm, examples, batch_size):
+        batch = batching.collate(vlm, [examples[i] for i in index])
+        texts = batching.generate(vlm, batch, max_new_tokens=max_new_tokens)
+        logits = batching.first_token_logits(vlm, batch)
+        for k, i in enumerate(index):
+            rows[i] = _row(items[i], suffix, texts[k], _yes_no(vlm, examples[i], logits[k]))
+    return rows
 
 
 def _check_resumable(done: dict[tuple[str, int], dict], items: Sequence[PopeItem], results: Path,
@@ -135,33 +154,52 @@ def _check_resumable(done: dict[tuple[str, int], dict], items: Sequence[PopeItem
 
 def run_pope(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", results: "str | Path",
              suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, rank: int = 0, world_size: int = 1,
-             progress: bool = True, also_done: Iterable["str | Path"] = (), intervention: str = "none") -> Path:
+             progress: bool = True, also_done: Iterable["str | Path"] = (), intervention: str = "none",
+             batch_size: int = 1) -> Path:
     """Answer ``items`` (this rank's share) and append each answer to ``results`` as one JSON line.
 
-    Every answer records the model, prompt suffix, ``max_new_tokens`` and ``intervention`` (a label
-    of the intervention the caller attached). Questions already in ``results`` (or in the
+    Every answer records the model, its weights' dtype, prompt suffix, ``max_new_tokens`` and
+    ``intervention`` (a label of the intervention the caller attached). Questions already in ``results`` (or in the
     ``also_done`` files of other ranks) are skipped (resume); an existing answer made with other
     settings, or to another question under the same id, is an error rather than a silent mix.
+    ``batch_size`` questions are answered per forward and per ``generate`` (the answers are those
+    of one at a time, so it is not a setting a resumed run must keep).
     """
+    batching.check_batch_size(batch_size)
     results = Path(results)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = _done(results)
     for other in also_done:
         if Path(other) != results:
             done.update(_done(Path(other)))
-    settings = {"model": vlm.name, "suffix": suffix, "max_new_tokens": max_new_tokens, "intervention": intervention}
+    settings = {"model": vlm.name, "dtype": str(vlm.dtype).removeprefix("torch."), "suffix": suffix,
+                "max_new_tokens": max_new_tokens, "intervention": intervention}
     _check_resumable(done, items, results, settings)
-    mine = [it for k, it in enumerate(items) if k % world_size == rank and (it.split, it.question_id) not in done]
-    with open(results, "a", encoding="utf-8") as out:
-        for item in tqdm(mine, desc=f"POPE {vlm.name} (rank {rank})", disable=not progress):
-            path = Path(images) / item.image
-            if not path.exists():
-                raise PopeFormatError(f"image {item.image!r} of question {item.question_id} not found in {images}")
-            row = {**answer(vlm, item, Image.open(path).convert("RGB"), suffix, max_new_tokens), **settings}
-            out.write(json.dumps(row) + "\n")
+    mine = [it for it in share(items, rank, world_size) if (it.split, it.question_id) not in done]
+    window = 1 if batch_size == 1 else BATCH_WINDOW * batch_size  # batches are formed within a window of questions
+    with open(results, "a", encoding="utf-8") as out, \
+            tqdm(total=len(mine), desc=f"POPE {vlm.name} (rank {rank})", disable=not progress) as bar:
+        for lo in range(0, len(mine), window):
+            chunk = mine[lo:lo + window]
+            images_ = [_image(images, item) for item in chunk]
+            rows = [answer(vlm, chunk[0], images_[0], suffix, max_new_tokens)] if batch_size == 1 else \
+                answer_many(vlm, chunk, images_, suffix, max_new_tokens, batch_size)
+            for row in rows:
+                out.write(json.dumps({**row, **settings}) + "\n")
             out.flush()
             os.fsync(out.fileno())
+            bar.update(len(chunk))
     return results
+
+
+BATCH_WINDOW = 4  # batched runs prepare this many batches of questions at once and group them by shape
+
+
+def _image(images: "str | Path", item: PopeItem) -> Image.Image:
+    path = Path(images) / item.image
+    if not path.exists():
+        raise PopeFormatError(f"image {item.image!r} of question {item.question_id} not found in {images}")
+    return Image.open(path).convert("RGB")
 
 
 def merge_results(parts: Iterable["str | Path"], out: "str | Path") -> pd.DataFrame:
@@ -191,32 +229,17 @@ def pope_table(frame: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["split", "source"], key=lambda c: c.map(order) if c.name == "split" else c)
 
 
-def process_rank() -> tuple[int, int, object | None]:
-    """(rank, world size, accelerate state) of this process: (0, 1, None) unless launched by accelerate."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, None
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        raise VLMInterpError("this process was launched with several workers but accelerate is not installed; "
-                             "pip install 'vlm-interp[dist]'") from None
-    # cpu=True lets accelerate form a gloo group on machines without GPUs (MULTI_CPU)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.num_processes, state
-
-
 def unanswered(items: Sequence[PopeItem], folder: "str | Path", rank: int = 0, world_size: int = 1) -> int:
     """How many of this rank's share of ``items`` have no answer yet in the per-rank files of ``folder``."""
     done: dict = {}
     for part in sorted((Path(folder) / "parts").glob("rank*.jsonl")):
         done.update(_done(part))
-    return sum((item.split, item.question_id) not in done
-               for k, item in enumerate(items) if k % world_size == rank)
+    return sum((item.split, item.question_id) not in done for item in share(items, rank, world_size))
 
 
 def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", folder: "str | Path",
                      suffix: str = DEFAULT_SUFFIX, max_new_tokens: int = 8, progress: bool = True,
-                     intervention: str = "none") -> pd.DataFrame:
+                     intervention: str = "none", batch_size: int = 1) -> pd.DataFrame:
     """Answer all ``items`` across the processes of an ``accelerate launch`` (or alone), then merge.
 
     Each rank appends to ``folder/parts/rank<r>.jsonl``; the results of all parts are merged,
@@ -230,9 +253,8 @@ def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", 
     rank, world, state = process_rank()
     existing = sorted(parts.glob("rank*.jsonl"))
     run_pope(vlm, items, images, parts / f"rank{rank}.jsonl", suffix, max_new_tokens, rank, world, progress,
-             also_done=existing, intervention=intervention)
-    if state is not None:
-        state.wait_for_everyone()
+             also_done=existing, intervention=intervention, batch_size=batch_size)
+    wait(state)
     merged = folder / "results.jsonl"
     wanted = {(i.split, i.question_id) for i in items}
     if rank == 0:
@@ -240,8 +262,7 @@ def run_pope_sharded(vlm: VLM, items: Sequence[PopeItem], images: "str | Path", 
         have = set(zip(frame["split"], frame["question_id"]))
         if not wanted <= have:
             raise PopeFormatError(f"{len(wanted - have)} questions have no answer after the run; rerun to resume")
-    if state is not None:
-        state.wait_for_everyone()
+    wait(state)
     frame = load_results(merged)
     asked = [key in wanted for key in zip(frame["split"], frame["question_id"])]
     return frame[asked].reset_index(drop=True)

@@ -25,6 +25,7 @@ from ..edits import applied
 from ..example import Example
 from ..files import atomic_write, changed_settings
 from ..hooks import Hook
+from ..parallel import process_rank, share, unique_keys, wait
 from ..sites import HEAD_COMPONENTS, Site
 from ..figures import pyplot, save_figure
 from ..tracing.engine import repeat_inputs
@@ -157,6 +158,8 @@ def score_heads(vlm, examples: Sequence[tuple[str, Example]] | Sequence[Example]
     ``examples`` are Examples with answers, or ``(key, example)`` pairs; with ``folder`` each
     example's scores go to ``folder/<key>.json`` and a rerun skips finished keys. Each record names
     the model, tower, component and ablation it was made with; a rerun with others is an error.
+    Under ``accelerate launch`` (it needs ``folder``) each process scores its share of the examples
+    (:mod:`vlm_interp.parallel`), then every process reads all records back and returns all scores.
     """
     if ablation not in ABLATIONS:
         raise InterventionError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
@@ -165,21 +168,27 @@ def score_heads(vlm, examples: Sequence[tuple[str, Example]] | Sequence[Example]
     items = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(examples)]
     if not items:
         raise InterventionError("score_heads needs at least one example")
+    unique_keys([key for key, _ in items], "score_heads")
+    rank, world, state = process_rank()
+    if world > 1 and folder is None:
+        raise InterventionError("score_heads over several processes keeps each example's scores in a file: pass folder=")
     means = head_means(vlm, [e for _, e in items], tower, component) if ablation == "dataset_mean" else None
     folder = Path(folder) if folder is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     settings = {"model": vlm.name, "tower": tower, "component": component, "ablation": ablation}
-    rows = []
-    for key, ex in tqdm(items, desc=f"scoring {tower} heads", disable=not progress):
-        done = folder / f"{key}.json" if folder is not None else None
-        if done is not None and done.exists():
-            rows.append(json.loads(done.read_text()))
-            continue
-        row = {"key": key, **settings, **score_example(vlm, ex, tower, component, ablation, means, batch_size)}
-        if done is not None:
-            atomic_write(done, json.dumps(row))
-        rows.append(row)
+    rows: dict[str, dict] = {}
+    mine = [(key, ex) for key, ex in share(items, rank, world) if folder is None or not (folder / f"{key}.json").exists()]
+    for key, ex in tqdm(mine, desc=f"scoring {tower} heads", disable=not progress):
+        rows[key] = {"key": key, **settings, **score_example(vlm, ex, tower, component, ablation, means, batch_size)}
+        if folder is not None:
+            atomic_write(folder / f"{key}.json", json.dumps(rows[key]))
+    wait(state)
+    missing = [key for key, _ in items if key not in rows and not (folder / f"{key}.json").exists()]
+    if missing:
+        raise InterventionError(f"{len(missing)} examples have no scores in {folder} after the run ({missing[:5]}); "
+                                "rerun to resume")
+    rows = [rows[key] if key in rows else json.loads((folder / f"{key}.json").read_text()) for key, _ in items]
     stale = [r for r in rows if changed_settings(r, settings)]
     if stale:
         raise InterventionError(f"{folder} holds scores made with other settings "

@@ -10,7 +10,8 @@ are applied to every row by :func:`vlm_interp.corruptions.applied`.
 Cells in the LM of a causal-decoder family skip what their patch cannot change: the base
 run is recorded once at the entry of every LM layer, and each batch restarts there, at its
 cells' layer and earliest position (:mod:`vlm_interp.tracing.fast`); other cells run
-whole-model forwards. ``batch_size="auto"`` sizes batches from the free memory.
+whole-model forwards. ``batch_size="auto"`` sizes batches from the free memory and halves them
+on running out of it (:mod:`vlm_interp.tracing.memory`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..example import Example
 from ..hooks import Hook
 from ..sites import Site
 from . import fast
+from .memory import (FALLBACK_BATCH, MAX_AUTO_BATCH, MEMORY_FRACTION, BatchSize, BatchSizeWarning,  # noqa: F401
+                     _back_off, _batch_size, auto_batch_size, available_memory, row_bytes)
 from .metrics import Metric
 
 
@@ -80,7 +83,7 @@ def _writer(site: Site, rows: list[tuple[int, tuple[int, ...]]], value: torch.Te
         t = t.clone()
         for r, pos in rows:
             idx = list(pos)
-            t[r * sub:(r + 1) * sub, [p - first for p in idx]] = value[:, idx].to(t.dtype)
+            t[r * sub:(r + 1) * sub, [p - first for p in idx]] = value[:, idx].to(t.device, t.dtype)
         return t.reshape(shape) if packed else t
 
     return write
@@ -107,96 +110,27 @@ def _check_cells(cells: Sequence[Cell], source: dict[Site, torch.Tensor]) -> Non
             raise SiteError(f"cell at {[s.name for s in cell.sites]} restores no position")
 
 
-# ---- batch size -------------------------------------------------------------------------
-BatchSize = int | Literal["auto"]
-MAX_AUTO_BATCH = 64  # beyond this, bigger batches stop paying on CPU and only cost memory
-MEMORY_FRACTION = 0.25  # share of the free memory a sweep may fill with activations
-FALLBACK_BATCH = 32  # when the free memory cannot be read
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for activations on ``device``: CUDA's free memory, else the system's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.virtual_memory().available)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _tower_shapes(vlm, base: Example) -> dict[str, tuple[int, int]]:
-    """(positions, width) of every tower's layer-0 output in one run of ``base``, and the vocabulary."""
-    shapes: dict[str, tuple[int, int]] = {}
-
-    def recorder(tower: str):
-        def record(t: torch.Tensor) -> None:
-            shapes.setdefault(tower, (t.shape[-2], t.shape[-1]))
-        return record
-
-    hooks = [vlm.hook(Site(t, "hidden", 0), recorder(t), allow_unused=True) for t in vlm.adapter.towers()]
-    with torch.no_grad(), applied(vlm, base), vlm.attach(hooks):
-        logits = vlm.logits(base.inputs)
-    shapes["vocab"] = (logits.shape[1], logits.shape[-1])
-    return shapes
-
-
-def row_bytes(vlm, base: Example, start: fast.LMStart | None = None) -> int:
-    """Estimated activation bytes of one batch row: a whole-model run, or a run starting inside the LM."""
-    itemsize = next(vlm.model.parameters()).element_size()
-    if start is not None:
-        n_layers, heads = len(start.layers), vlm.adapter.n_heads[fast.TOWER]
-        vocab = start.tail[-1].weight.shape[0] if hasattr(start.tail[-1], "weight") else 0
-        return itemsize * (start.seq_len * start.width * (3 * n_layers + 8) + heads * start.seq_len ** 2 + vocab)
-    shapes = _tower_shapes(vlm, base)
-    total, attention = 0, 0
-    for tower, (seq, width) in shapes.items():
-        if tower == "vocab":
-            total += seq * width  # full logits
-            continue
-        total += seq * width * (3 * vlm.adapter.n_layers[tower] + 8)
-        attention = max(attention, vlm.adapter.n_heads[tower] * seq ** 2)
-    return itemsize * (total + attention)
-
-
-def auto_batch_size(vlm, base: Example, n_cells: int, start: fast.LMStart | None = None) -> int:
-    """Rows per batch from the free memory: ``MEMORY_FRACTION`` of it over :func:`row_bytes`, in 1..64."""
-    free = available_memory(vlm.device)
-    if free is None:
-        return max(1, min(FALLBACK_BATCH, n_cells))
-    rows = int(MEMORY_FRACTION * free // max(1, row_bytes(vlm, base, start)))
-    return max(1, min(MAX_AUTO_BATCH, n_cells, rows))
-
-
-def _batch_size(vlm, base: Example, batch_size: BatchSize, n_cells: int, start: fast.LMStart | None = None) -> int:
-    """``batch_size`` checked, or resolved by :func:`auto_batch_size` when it is ``"auto"``."""
-    if batch_size == "auto":
-        return auto_batch_size(vlm, base, n_cells, start)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
-    return batch_size
-
-
 # ---- running cells ----------------------------------------------------------------------
-def _run_whole(vlm, base: Example, source, cells: Sequence[Cell], metric: Metric, size: int, bar) -> torch.Tensor:
-    """The general path: whole-model forwards of the base input, ``size`` cells per batch."""
+def _run_whole(vlm, base: Example, source, cells: Sequence[Cell], metric: Metric, size: int, bar,
+               auto: bool = False) -> torch.Tensor:
+    """The general path: whole-model forwards of the base input, ``size`` cells per batch (halved on running out
+    of memory when ``auto``)."""
     out = torch.empty(len(cells))
     answer_at = vlm.answer_start(base)
-    for lo in range(0, len(cells), size):
+    lo = 0
+    while lo < len(cells):
         chunk = cells[lo:lo + size]
-        with torch.no_grad(), applied(vlm, base), vlm.attach(_patch_hooks(vlm, chunk, source)):
-            logits = vlm.logits(repeat_inputs(base.inputs, len(chunk)))
+        try:
+            with torch.no_grad(), applied(vlm, base), vlm.attach(_patch_hooks(vlm, chunk, source)):
+                logits = vlm.logits(repeat_inputs(base.inputs, len(chunk)))
+        except (torch.OutOfMemoryError, MemoryError):
+            size = _back_off(size, auto)
+            if size is None:
+                raise
+            continue
         out[lo:lo + len(chunk)] = metric(logits[:, answer_at])
         bar.update(len(chunk))
+        lo += len(chunk)
     return out
 
 
@@ -253,8 +187,9 @@ def _fast_chunks(start: fast.LMStart, entries: list[_Entry], size: int) -> list[
 
 
 def _run_from_lm(vlm, start: fast.LMStart, source, cells: Sequence[Cell], metric: Metric, size: int,
-                 bar) -> torch.Tensor:
-    """The fast path: batches of cells run from their entry layer and position (see :mod:`.fast`)."""
+                 bar, auto: bool = False) -> torch.Tensor:
+    """The fast path: batches of cells run from their entry layer and position (see :mod:`.fast`); on running out of
+    memory (``auto``), the cells not yet done are batched again at half the size."""
     out = torch.empty(len(cells))
     entries = [_entry(c) for c in cells]
     for cell, e in zip(cells, entries):
@@ -265,15 +200,24 @@ def _run_from_lm(vlm, start: fast.LMStart, source, cells: Sequence[Cell], metric
     if idle:
         out[idle] = metric(start.reference[None]).expand(len(idle))
         bar.update(len(idle))
-    busy = [i for i in range(len(cells)) if i not in set(idle)]
-    for chunk in _fast_chunks(start, [entries[i] for i in busy], size):
-        index = [busy[k] for k in chunk]
-        batch = [cells[i] for i in index]
-        layer, position, span_end = _chunk_args([entries[i] for i in index])
-        with torch.no_grad(), vlm.attach(_patch_hooks(vlm, batch, source, start.start_position(position))):
-            logits = start.logits(len(batch), layer, position, span_end)
-        out[index] = metric(logits)
-        bar.update(len(batch))
+    pending, done = [i for i in range(len(cells)) if i not in set(idle)], set()
+    while pending:
+        try:
+            for chunk in _fast_chunks(start, [entries[i] for i in pending], size):
+                index = [pending[k] for k in chunk]
+                batch = [cells[i] for i in index]
+                layer, position, span_end = _chunk_args([entries[i] for i in index])
+                with torch.no_grad(), vlm.attach(_patch_hooks(vlm, batch, source, start.start_position(position))):
+                    logits = start.logits(len(batch), layer, position, span_end)
+                out[index] = metric(logits)
+                bar.update(len(batch))
+                done.update(index)
+            pending = []
+        except (torch.OutOfMemoryError, MemoryError):
+            pending = [i for i in pending if i not in done]
+            size = _back_off(size, auto)
+            if size is None:
+                raise
     return out
 
 
@@ -320,7 +264,9 @@ def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Seque
     ``batch_size`` is the number of cells per forward, or ``"auto"``: a quarter of the free
     memory (CUDA free memory, else available RAM) divided by the estimated bytes of one
     row (:func:`row_bytes`: positions x width x (3 x layers + 8) per tower run, one head's
-    attention scores per head, the logits), clipped to 1..64 and to the number of cells.
+    attention scores per head, the logits), clipped to 1..64 and to the number of cells. A batch
+    that runs out of memory under ``"auto"`` is retried at half the size (:class:`BatchSizeWarning`),
+    keeping the cells already done; a batch size given as a number lets the error through.
     """
     if fast_path not in (True, False, "auto"):
         raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}")
@@ -339,7 +285,8 @@ def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Seque
         if quick:
             done, size = bar.n, _batch_size(vlm, base, batch_size, len(quick), start)
             try:
-                out[quick] = _run_from_lm(vlm, start, source, [cells[i] for i in quick], metric, size, bar)
+                out[quick] = _run_from_lm(vlm, start, source, [cells[i] for i in quick], metric, size, bar,
+                                          batch_size == "auto")
             except (torch.OutOfMemoryError, MemoryError, SiteError):
                 raise
             except Exception as err:  # noqa: BLE001 - any other failure of the fast path: fall back, loudly
@@ -351,7 +298,8 @@ def run_cells(vlm, base: Example, source: dict[Site, torch.Tensor], cells: Seque
                 rest = sorted(rest + quick)
         if rest:
             size = _batch_size(vlm, base, batch_size, len(rest))
-            out[rest] = _run_whole(vlm, base, source, [cells[i] for i in rest], metric, size, bar)
+            out[rest] = _run_whole(vlm, base, source, [cells[i] for i in rest], metric, size, bar,
+                                   batch_size == "auto")
     return out
 
 

@@ -58,12 +58,18 @@ from .replay import LMStart, attach_kv, layer_input, mask_problem, recording_hoo
 TOWER = "lm"
 # Self-check tolerance on the answer logits, relative to the largest reference logit (at least 1). float32: a replay
 # runs the same operations on fewer rows and positions, so only reduction orders differ (benchmarks/bench_trace.py:
-# the fast grid is within 2.4e-7 of a plain loop on shapes-llava). Half precision: set from the rounding of one
-# value, 2^-8 for bf16 and 2^-11 for fp16, with room for its accumulation over the layers; not yet measured.
-SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# the fast grid is within 2.4e-7 of a plain loop on shapes-llava). Half precision: the logits come out rounded to the
+# weights' type, so a replay that reduces in another order differs by whole units in the last place (ulp; 2^-7 of
+# the largest logit's size in bf16, 2^-10 in fp16). Measured on CPU with shapes-llava, shapes-instructblip and the
+# tiny families (seeded probes from layer 0 and a middle layer, from position 0 and a later one): at most 6.1e-3 in
+# bf16 and 7.7e-4 in fp16, under one ulp. The tolerance allows 4 ulps (bf16 4 x 2^-7, fp16 4 x 2^-10) for deeper
+# models, whose layers add reorderings; benchmarks/gpu_check.py reports the self-check's margin on a 7B LLaVA.
+SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 4 * 2.0 ** -10,
+                  torch.bfloat16: 4 * 2.0 ** -7}
 # the self-check's perturbation must move the answer logits by this many tolerances, or the check could pass blind
 SELF_CHECK_VISIBLE = 10.0
 SELF_CHECK_SEED = 0
+PROBE_STRENGTHS = (1.0, 16.0, 256.0)  # sizes of the self-check's perturbation, in RMS units of the activation there
 
 
 def not_applicable(vlm, base: Example) -> str | None:
@@ -116,13 +122,14 @@ def _probe(vlm, base: Example, state: LMStart, site: Site, span: bool, first: in
            generator: torch.Generator, tol: float) -> Probe | None:
     """A seeded perturbation at ``site`` that moves the answer logits by ``SELF_CHECK_VISIBLE`` tolerances.
 
-    Tries position ``first``, then the answer's own, each at two strengths (relative to the
-    recorded activation's size there); ``None`` when none is visible.
+    Tries position ``first``, then the answer's own, each at growing strengths (relative to the
+    recorded activation's size there; the strongest ones are needed in half precision, whose
+    tolerance is wider); ``None`` when none is visible.
     """
     direction = torch.randn(state.width, generator=generator)
     for position in sorted({first, state.answer_at}):
         scale = float(recorded[0, position].float().pow(2).mean().sqrt()) or 1.0
-        for strength in (1.0, 16.0):
+        for strength in PROBE_STRENGTHS:
             delta = direction * scale * strength
             with torch.no_grad(), applied(vlm, base), vlm.attach([vlm.hook(site, _add_at(0, position, delta, 0))]):
                 expected = vlm.logits(base.inputs)[0, state.answer_at].float()
@@ -131,7 +138,8 @@ def _probe(vlm, base: Example, state: LMStart, site: Site, span: bool, first: in
     return None
 
 
-def _tolerance(state: LMStart) -> float:
+def tolerance(state: LMStart) -> float:
+    """The self-check's tolerance on answer logits: per dtype, relative to the largest reference logit."""
     return SELF_CHECK_TOL.get(state.dtype, 2e-2) * max(1.0, float(state.reference.abs().max()))
 
 
@@ -161,7 +169,7 @@ def probes(vlm, base: Example, state: LMStart) -> tuple[list[Probe], str]:
     for site, span, first in ((Site(TOWER, "input", 0), False, early),
                               (Site(TOWER, "hidden", middle), True, early if middle < n - 1 else state.answer_at)):
         recorded = state.inputs[site.layer + (site.component == "hidden")].hidden
-        found = _probe(vlm, base, state, site, span, first, recorded, generator, _tolerance(state))
+        found = _probe(vlm, base, state, site, span, first, recorded, generator, tolerance(state))
         if found is None:
             return [], (f"no perturbation of {site.name} at position {first} or {state.answer_at} moves the answer "
                         "logits, so the self-check cannot tell a right replay from a wrong one")
@@ -178,21 +186,33 @@ def self_check(vlm, state: LMStart, checks: list[Probe], position: int) -> str:
     ignored the patch (or replayed stale state) cannot pass. The recorded state must be
     unchanged afterwards.
     """
-    tol, before = _tolerance(state), _fingerprint(state)
+    tol, before = tolerance(state), _fingerprint(state)
     offset = state.start_position(position)
     for probe in checks:
         if probe.position < offset:
             return f"the self-check's perturbation at position {probe.position} precedes the restart at {offset}"
-        with torch.no_grad(), vlm.attach([vlm.hook(probe.site, _add_at(1, probe.position, probe.delta, offset))]):
-            got = state.logits(2, probe.layer, position, probe.position if probe.span else None).float()
-        for row, want, what in ((0, state.reference, "unchanged"), (1, probe.expected, f"perturbed at {probe.site}")):
-            err = float((got[row] - want).abs().max())
+        for err, what in replay_errors(vlm, state, probe, position):
             if not err <= tol:
                 return (f"replaying the recorded LM layers from layer {probe.layer}, position {offset} does not "
                         f"reproduce the model's answer logits (row {what}: off by {err:.2e}, tolerance {tol:.2e})")
     if _fingerprint(state) != before:
         return "replaying the recorded LM layers changed the recorded state"
     return ""
+
+
+def replay_errors(vlm, state: LMStart, probe: Probe, position: int) -> list[tuple[float, str]]:
+    """One probe replayed from ``position`` in two rows: the largest answer-logit error of the unchanged row against
+    the base run and of the perturbed row against the whole-model forward under the probe, each with its name."""
+    offset = state.start_position(position)
+    with torch.no_grad(), vlm.attach([vlm.hook(probe.site, _add_at(1, probe.position, probe.delta, offset))]):
+        got = state.logits(2, probe.layer, position, probe.position if probe.span else None).float()
+    return [(float((got[row] - want).abs().max()), what)
+            for row, want, what in ((0, state.reference, "unchanged"), (1, probe.expected, f"perturbed at {probe.site}"))]
+
+
+def restart_positions(state: LMStart, checks: list[Probe]) -> tuple[int, ...]:
+    """The positions the self-check replays from: 0, and the restart key/value reuse would make."""
+    return 0, max(1, min(c.position for c in checks))
 
 
 def _guarded_check(vlm, state: LMStart, checks: list[Probe], position: int) -> str:
@@ -256,7 +276,7 @@ def lm_start(vlm, base: Example) -> tuple[LMStart | None, str]:
         mask_problem(inputs[:n], state.attn_implementation)
     if not state.why_no_kv:
         state.kv_reuse = True
-        why = _guarded_check(vlm, state, checks, max(1, min(c.position for c in checks)))
+        why = _guarded_check(vlm, state, checks, restart_positions(state, checks)[1])
         if why:
             state.kv_reuse, state.why_no_kv = False, f"restarting at a later position failed its self-check: {why}"
     return state, ""

@@ -46,3 +46,30 @@ def calibration_examples(vlm, level: str = "object", n: int = 100, seed: int = C
         ex = vlm.prepare(scene.pil(), qa.question, answer=qa.answer, region=region)
         out.append((f"{level}-{seed}-{k}", ex))
     return out
+
+
+def calibration_pairs(vlm, level: str = "object", n: int = 50, seed: int = CALIBRATION_SEED) -> list[tuple[str, object]]:
+    """``n`` shapes-world minimal pairs of one level as ``(key, make_pair)``, for dataset tracing.
+
+    The scenes are the calibration ones (``seed``); each pair edits one thing (``object``: an object
+    replaced by an absent shape; ``attribute``: recoloured; ``relation``: two objects swap places), and
+    ``make_pair()`` prepares its clean and corrupt examples with the first question whose answer the
+    edit flips, only when it is called (a resumed run prepares nothing it has traced).
+    """
+    from ..corruptions import from_shapes_pair
+    from .scene_pairs import NoMinimalPairError, minimal_pair
+
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; levels are {LEVELS}")
+    world = World(ORGANISM_WORLD)
+    rng = np.random.default_rng([seed, LEVELS.index(level), 1])
+    out = []
+    for k, scene in enumerate(world.iter_scenes(50 * n, seed=seed + LEVELS.index(level))):
+        try:
+            pair = minimal_pair(world, scene, level, rng)
+        except NoMinimalPairError:
+            continue
+        out.append((f"{level}-pair-{seed}-{k}", lambda pair=pair: from_shapes_pair(vlm, pair, 0)))
+        if len(out) == n:
+            return out
+    raise ValueError(f"could not draw {n} {level} minimal pairs from {50 * n} scenes")

@@ -155,23 +155,24 @@ def patch_tower(vlm) -> str:
 
 
 
+def score_example(n: int, item: Item, probe: Callable[[object, Item, Context], Maps], vlm,
+                  ctx: Context) -> list[dict]:
+    """AUROC of every map of one example (the ``n``-th): one row per (probe, layer)."""
+    # the rest of the image once the object is taken out, to ask where else a map puts its effect
+    on_object = set(item.object_positions)
+    rest = [p for p in item.positions if p not in on_object]
+    keep = [item.positions.index(p) for p in rest]
+    return [{"example": n, "scene_seed": item.scene_seed, "shape": item.shape, "probe": name,
+             "layer": layer, "auroc": map_auroc(values, item.object_positions, item.positions),
+             "auroc_partner": map_auroc(values[keep], item.partner_positions, rest) if item.partner_positions else None,
+             "auroc_others": map_auroc(values[keep], item.other_positions, rest) if item.other_positions else None}
+            for (name, layer), values in probe(vlm, item, ctx).items()]
+
+
 def score(items: list[Item], probe: Callable[[object, Item, Context], Maps], vlm, ctx: Context,
           desc: str) -> list[dict]:
     """AUROC of every map of every example: one row per (example, probe, layer)."""
-    rows = []
-    for n, item in enumerate(tqdm(items, desc=desc)):
-        # the rest of the image once the object is taken out, to ask where else a map puts its effect
-        on_object = set(item.object_positions)
-        rest = [p for p in item.positions if p not in on_object]
-        keep = [item.positions.index(p) for p in rest]
-        for (name, layer), values in probe(vlm, item, ctx).items():
-            rows.append({"example": n, "scene_seed": item.scene_seed, "shape": item.shape, "probe": name,
-                         "layer": layer, "auroc": map_auroc(values, item.object_positions, item.positions),
-                         "auroc_partner": map_auroc(values[keep], item.partner_positions, rest)
-                         if item.partner_positions else None,
-                         "auroc_others": map_auroc(values[keep], item.other_positions, rest)
-                         if item.other_positions else None})
-    return rows
+    return [row for n, item in enumerate(tqdm(items, desc=desc)) for row in score_example(n, item, probe, vlm, ctx)]
 
 
 def summarise(rows: list[dict], n_boot: int, seed: int) -> list[dict]:
