@@ -55,6 +55,23 @@ class Replay:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """The module that computes one attention component of a layer, and how attention edits reach it.
+
+    ``module`` is its path relative to the layer. ``keys`` names the tower whose positions its
+    keys are (cross-attention reads another tower's output; ``None``: the tower's own sequence).
+    ``interface``: it computes attention through transformers' ``AttentionInterface``, so
+    knockout, weight capture and score edits reach it through vlm-interp's dispatcher
+    (:mod:`vlm_interp.compat`); otherwise ``why`` says what stops them.
+    """
+
+    module: str
+    keys: str | None = None
+    interface: bool = True
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Tower:
     """One stack of layers: where it lives, what each component is, how many heads it has.
 
@@ -76,6 +93,8 @@ class Tower:
     # positions (the key/value cache is found by type, not listed). Any other keyword with a value
     # makes the fast path decline. Families with other position encodings extend it (M-RoPE ids).
     replay: dict[str, Replay] = field(default_factory=dict)
+    # The attention modules of a layer, by the component they produce ("attn", "xattn"); see Attention.
+    attention: dict[str, Attention] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,15 @@ class BoundAdapter:
             for component in tower.components:
                 if not self.layers_with(name, component):
                     problems.append(f"{name}.{component}: no layer has {tower.components[component][0]!r}")
+            for component, attention in tower.attention.items():
+                for layer in self.layers_with(name, component) if component in tower.components else [None]:
+                    try:
+                        if layer is None:
+                            raise ModuleNotFoundInModelError(f"{component!r} is not a component of the tower")
+                        resolve_module(self.model, f"{tower.layers}.{layer}.{attention.module}")
+                    except ModuleNotFoundInModelError as err:
+                        problems.append(f"{name}.attention[{component!r}]: {err}")
+                        break
         extra = {"vision_root": self.adapter.vision_root} if self.adapter.vision_root else {}
         extra.update({f"noise_places.{k}": p.module for k, p in self.adapter.noise_places.items()})
         for what, path in extra.items():
@@ -212,6 +240,19 @@ class BoundAdapter:
         if component in HEAD_COMPONENTS:
             return [Site(tower, component, l, h) for l in layers for h in range(self.n_heads[tower])]
         return [Site(tower, component, l) for l in layers]
+
+    def attention(self, tower: str, component: str) -> Attention:
+        """The attention module spec of ``component`` (``attn``, ``xattn``) in ``tower``, with an error naming what
+        exists."""
+        spec = self._tower(tower)
+        if component not in spec.attention:
+            raise SiteError(f"the {tower} tower of {self.adapter.family} has no attention component {component!r}; "
+                            f"it has {sorted(spec.attention) or 'none'}")
+        return spec.attention[component]
+
+    def attention_path(self, tower: str, component: str, layer: int) -> str:
+        """Dotted path of the module computing ``component`` attention at ``layer``."""
+        return f"{self._tower(tower).layers}.{layer}.{self.attention(tower, component).module}"
 
     def tail_modules(self, tower: str) -> list[nn.Module]:
         """The modules after ``tower``'s last layer that produce logits, in order (optional ones if present)."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from .base import Adapter, NoisePlace, Tower
-from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, lm_tower
+from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, SELF_ATTN, lm_tower
 
 MODEL_CLASSES = ("LlavaForConditionalGeneration",)
 
 
 def clip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
     return Tower(f"{prefix}.encoder.layers", CLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                 description="CLIP vision encoder")
+                 description="CLIP vision encoder", attention=SELF_ATTN)
 
 
 def patch_tokens(config, inputs) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UnknownArchitectureError
-from .base import NoisePlace, Replay, Slot, Tower
+from .base import Attention, NoisePlace, Replay, Slot, Tower
 
 # Decoder-only language models, keyed by the text config's model_type.
 LLAMA_LAYER: dict[str, Slot] = {
@@ -39,6 +39,22 @@ DECODER_REPLAY: dict[str, Replay] = {
     "use_cache": Replay("constant"),
     "output_attentions": Replay("constant"),
 }
+
+# Attention modules of the layer kinds (see Attention): where knockout, weight capture and score edits act.
+SELF_ATTN = {"attn": Attention("self_attn")}  # LLaMA, OPT, CLIP, BLIP-2's ViT: through the AttentionInterface
+QFORMER_ATTENTION = {"attn": Attention("attention.attention"),
+                     "xattn": Attention("crossattention.attention", keys="vision")}
+BLIP_INLINE = ("BLIP's attention modules compute attention inline, not through transformers' AttentionInterface, "
+               "so attention edits and weight capture cannot reach them")
+BLIP_VISION_ATTENTION = {"attn": Attention("self_attn", interface=False, why=BLIP_INLINE)}
+
+
+def blip_text_attention(keys: str, note: str = "") -> dict[str, Attention]:
+    """BLIP's BERT-style layers: self-attention and cross-attention over ``keys``' output, both inline."""
+    why = (note + "; " if note else "") + BLIP_INLINE
+    return {"attn": Attention("attention.self", interface=False, why=why),
+            "xattn": Attention("crossattention.self", keys=keys, interface=False, why=why)}
+
 
 # Noise places shared by several families (see vlm_interp/corruptions/noise.py).
 CLIP_PATCHES = NoisePlace("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
@@ -102,4 +118,5 @@ def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_con
         description=f"{kind} decoder",
         tail=tuple(f"{base_path}.{t}" for t in tail) + (lm_head,),
         replay=DECODER_REPLAY,
+        attention=SELF_ATTN,
     )
