@@ -182,3 +182,18 @@ def test_families_and_sites_where_knockout_cannot_apply_say_why(image):
         knockout(llava, lex, tower="lm", component="xattn", progress=False)
     with pytest.raises(KnockoutError, match="empty|no token group"):
         knockout(llava, llava.prepare(image, QUESTION, answer="yes"), edges=[("object", "image")], progress=False)
+
+
+def test_knockout_command_writes_the_array_and_plot(tmp_path, capsys):
+    from vlm_interp.cli import main
+
+    out = tmp_path / "knockout"
+    assert main(["knockout", "--model", "tiny:llava", "--image", "shapes:3", "--question",
+                 "Is there a circle in the image?", "--answer", "yes", "--edges", "image->last,object->last",
+                 "--heads", "0,1", "--out", str(out)]) == 0
+    result = Knockout.load(out / "knockout.json")
+    assert list(result.data.coords["edge"].values) == ["image->last", "object->last"]
+    assert result.attrs["heads"] == [0, 1] and (out / "knockout.png").stat().st_size > 1000
+    assert "image->last: L0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["knockout", "--image", "shapes:3", "--question", "q", "--edges", "image,last"])

@@ -33,6 +33,7 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
+from transformers.masking_utils import AttentionMaskInterface
 
 from .errors import HookNeverFiredError, VLMInterpError
 
@@ -174,8 +175,7 @@ class AttentionCall:
     k_len: int
 
     def self_positions(self) -> torch.Tensor:
-        """Positions of the queries in the keys' sequence for self-attention: the last ``q_len`` (a cache holds the
-        earlier ones)."""
+        """Self-attention's query positions among the keys: the last ``q_len`` (a cache holds the earlier ones)."""
         return torch.arange(self.k_len - self.q_len, self.k_len)
 
 
@@ -225,8 +225,6 @@ _REGISTERED: list[bool] = []
 
 def _register() -> None:
     if not _REGISTERED:
-        from transformers.masking_utils import AttentionMaskInterface
-
         transformers.AttentionInterface.register(DISPATCH, _dispatch)
         AttentionMaskInterface.register(DISPATCH, _mask)
         _REGISTERED.append(True)
@@ -234,8 +232,6 @@ def _register() -> None:
 
 def _mask(**kwargs: Any) -> Any:
     """The mask of the wrapped implementation, always materialised (the dispatcher edits it)."""
-    from transformers.masking_utils import AttentionMaskInterface
-
     base = _BY_CONFIG.get(id(kwargs.get("config")))
     if base is None:
         raise CompatibilityError(f"an attention mask was requested under {DISPATCH!r} for a config vlm-interp did "
@@ -256,9 +252,7 @@ def _allowed(module: nn.Module, base: str, mask: torch.Tensor | None, query: tor
         flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = base == "sdpa" and q_len > 1 and bool(flag)
         full = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
-        if causal:
-            full = torch.ones(q_len, k_len, device=query.device).tril().bool()
-        return full[None, None], causal
+        return (full.tril() if causal else full)[None, None], causal
     if mask.dtype == torch.bool:
         return mask, False
     return mask > torch.finfo(mask.dtype).min / 2, False

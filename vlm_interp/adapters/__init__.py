@@ -21,7 +21,8 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
 
 HOW_TO_ADD = (
     "To add a family, write vlm_interp/adapters/<family>.py with a build(config) -> Adapter that gives its towers "
-    "(layer list path, component table, head-count config key; for the answer LM its tail and the keywords the "
+    "(layer list path, component table, head-count config key, its attention modules and whether they compute "
+    "attention through transformers' AttentionInterface; for the answer LM its tail and the keywords the "
     "fast path may replay), its decoder kind, default prompt template and image-token facts (placeholder, count, "
     "the boxes LM image tokens cover), its vision root and noise places, and register its model class in "
     "vlm_interp/adapters/__init__.py:REGISTRY."

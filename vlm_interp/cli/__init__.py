@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import benchmarks, demo, info, interventions, trace, zoo
+from . import benchmarks, demo, info, interventions, methods, trace, zoo
 
-GROUPS = (demo, info, zoo, trace, benchmarks, interventions)
+GROUPS = (demo, info, zoo, trace, methods, benchmarks, interventions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ def plot_knockout(result, path, kind: str = "relative") -> Path:
         values = data.sel(edge=edge).values * (100 if kind == "relative" else 1)
         ax.plot(layers, values, marker="o", label=str(edge))
     ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xticks(layers)
     a = result.attrs
     ax.set_xlabel(f"layer (window {a['window']})")
     ax.set_ylabel(f"{'relative change (%)' if kind == 'relative' else 'change'} in {a['metric']}")
@@ -98,8 +99,6 @@ def plot_lens_image(lens, example: Example, path, component: str = "hidden", lay
 def plot_attention(maps, example: Example, path, layer: int | None = None, knockout=None) -> Path:
     """Head-averaged attention per layer over the image, rollout, one layer's heads, and knockout effects if given."""
     plt = _plt()
-    from .attention import NOT_CAUSAL
-
     layers = list(maps.data.coords["layer"].values)
     layer = layers[-1] if layer is None else layer
     mean = maps.mean_heads()
@@ -126,11 +125,13 @@ def plot_attention(maps, example: Example, path, layer: int | None = None, knock
         for edge in rel.coords["edge"].values:
             ax.plot(list(rel.coords["layer"].values), 100 * rel.sel(edge=edge).values, marker="o", label=str(edge))
         ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xticks(list(rel.coords["layer"].values))
+        ax.set_xlabel("layer", fontsize=6)
         ax.set_title("knockout (causal): relative change %", fontsize=7)
         ax.legend(fontsize=5)
     for ax in flat[n:]:
         ax.axis("off")
     a = maps.attrs
-    fig.suptitle(f"{a['tower']}.{a['component']} attention from {a['query']!r}: {a['question']}\n{NOT_CAUSAL}",
+    fig.suptitle(f"{a['tower']}.{a['component']} attention from {a['query']!r}: {a['question']}\n{a['causal']}",
                  fontsize=7)
     return _save(fig, path)
