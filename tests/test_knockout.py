@@ -114,6 +114,22 @@ def test_one_head_knockout_equals_the_same_edit_by_hand(family, image):
     assert not torch.allclose(ours, plain, atol=1e-5)
 
 
+def test_knockout_during_cached_generation_equals_whole_sequence_forwards(image):
+    """With a key/value cache each step's single query sits at the end of the keys: the second step's scores equal a
+    whole-sequence forward of prompt plus first token under the same cut."""
+    vlm, ex = model("llava"), example("llava", image)
+    everything = list(range(4 * ex.inputs["input_ids"].shape[1]))
+    with knocked_out(vlm, ex, "image", everything, heads=[1]), torch.no_grad():
+        out = vlm.model.generate(**ex.inputs, max_new_tokens=2, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+    ids = out.sequences[:, :ex.inputs["input_ids"].shape[1] + 1]
+    with knocked_out(vlm, ex, "image", everything, heads=[1]):
+        whole = logits(vlm, {**ex.inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert torch.allclose(out.scores[1][0], whole[0, -1], atol=1e-5, rtol=0)
+    assert not torch.allclose(out.scores[1][0], logits(vlm, {**ex.inputs, "input_ids": ids,
+                                                           "attention_mask": torch.ones_like(ids)})[0, -1], atol=1e-4)
+
+
 def test_batched_rows_equal_one_at_a_time(image):
     vlm, ex = model("llava"), example("llava", image)
     metric = make_metric(vlm, ex)

@@ -309,9 +309,11 @@ def _dispatch(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         if edges is not None:
             cut = edges if cut is None else cut | edges
     mask = attention_mask
-    if cut is not None:
-        shape = (call.batch, call.heads, call.q_len, call.k_len)
-        allowed, cut = allowed.expand(shape), cut.to(allowed.device).expand(shape)
+    if cut is not None:  # a head axis only where some edit cuts per head
+        cut = cut.to(allowed.device)
+        heads = torch.broadcast_shapes(allowed.shape, cut.shape)[1]
+        shape = (call.batch, heads, call.q_len, call.k_len)
+        allowed, cut = allowed.expand(shape), cut.expand(shape)
         if mask is None or mask.dtype == torch.bool:
             mask = allowed & ~cut
         else:

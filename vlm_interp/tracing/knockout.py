@@ -79,13 +79,14 @@ class EdgeKnockout(compat.AttentionEdit):
         layer = self.layer_of[id(call.module)]
         queries = torch.arange(call.q_len) if self.cross else call.self_positions()
         keys = torch.arange(call.k_len)
-        out = torch.zeros(rows, call.heads, call.q_len, call.k_len, dtype=torch.bool)
+        heads = call.heads if any(cut.heads is not None for cut in self.cuts) else 1  # one mask for all heads
+        out = torch.zeros(rows, heads, call.q_len, call.k_len, dtype=torch.bool)
         for r, cut in enumerate(self.cuts):
             if layer in cut.layers:
                 edge = torch.isin(queries, torch.tensor(cut.targets))[:, None] & \
                        torch.isin(keys, torch.tensor(cut.sources))[None, :]
-                heads = list(cut.heads) if cut.heads is not None else slice(None)
-                out[r, heads] |= edge
+                which = list(cut.heads) if cut.heads is not None else slice(None)
+                out[r, which] |= edge
         return out.repeat_interleave(call.batch // rows, dim=0)
 
 
