@@ -10,8 +10,12 @@ need) is read here, by type and by feature rather than by version number where p
   ``cache`` in every decoder layer and base model (the old name is a deprecated alias);
 - a cache's per-layer keys and values are read from ``cache.layers[i].keys/.values`` (the
   layout since 5.0), and a fresh cache for replays is a plain :class:`~transformers.DynamicCache`;
-- LLaVA-NeXT's any-resolution geometry (and InternVL's tile grid) use module-level helpers of their files,
-  wrapped here under names of ours so that a move or rename breaks one place, with a clear error.
+- LLaVA-NeXT's any-resolution geometry (and InternVL's tile grid, Mllama's canvas fit) use module-level helpers of
+  their files, wrapped here under names of ours so that a move or rename breaks one place, with a clear error;
+- attention edits (knockout, weight capture, score edits) go through one attention function of ours,
+  registered in transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` and selected with
+  ``set_attn_implementation`` while edits are active (:func:`attention_edits`); it wraps the sdpa or
+  eager implementation each sub-model had and restores it afterwards.
 
 ``TESTED`` is the declared range: the suite runs at both ends in CI. A newer release than the
 ceiling gets a warning once; the tracing fast path still guards itself with its self-check.
@@ -19,15 +23,20 @@ ceiling gets a warning once; the tracing fast path still guards itself with its 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import transformers
 from packaging.version import Version
+from torch import nn
+from transformers.masking_utils import AttentionMaskInterface
 
-from .errors import VLMInterpError
+from .errors import HookNeverFiredError, VLMInterpError
 
 # The oldest and the newest transformers releases the test suite runs on (pyproject.toml declares the same).
 TESTED = ("5.13.0", "5.24.0")
@@ -229,6 +238,273 @@ def device_map(model: Any) -> dict | None:
 
 def accepts_keyword(module: Any, name: str) -> bool:
     """Whether ``module.forward`` names ``name`` among its parameters (a catch-all ``**kwargs`` does not count)."""
-    import inspect
-
     return name in inspect.signature(module.forward).parameters
+
+
+# ---- attention dispatch -------------------------------------------------------------------
+# One attention implementation of vlm-interp's, registered in transformers' AttentionInterface and
+# AttentionMaskInterface under DISPATCH and selected with the documented ``set_attn_implementation`` while
+# attention edits are active. It wraps the implementation each sub-model had (sdpa or eager) and lets
+# several edits stack: knockout (cut edges), attention-weight capture and score edits (which run eager attention).
+DISPATCH = "vlm_interp"
+BASES = ("sdpa", "eager")  # implementations the dispatcher can wrap
+# keywords an attention call may carry that eager attention does not need (any other one with a value is an error)
+_EAGER_IGNORES = {"position_ids", "use_cache", "output_attentions", "output_hidden_states", "cache_position",
+                  "is_causal", "dropout", "scaling",
+                  # the attention mask already holds a sliding window (transformers' own eager and sdpa read only
+                  # the mask; the keyword serves flash attention)
+                  "sliding_window",
+                  # keywords of the model's forward that reach the attention call unread (Qwen2's LM)
+                  "logits_to_keep"}
+
+
+@dataclass
+class AttentionCall:
+    """One call of an attention module through the dispatcher: batch rows, query heads, queries and keys."""
+
+    module: nn.Module
+    batch: int
+    heads: int
+    q_len: int
+    k_len: int
+
+    def self_positions(self) -> torch.Tensor:
+        """Self-attention's query positions among the keys: the last ``q_len`` (a cache holds the earlier ones)."""
+        return torch.arange(self.k_len - self.q_len, self.k_len)
+
+
+class AttentionEdit:
+    """An edit the dispatcher applies to calls of ``modules``; subclasses override what they change.
+
+    ``block`` returns a boolean tensor broadcastable to (batch, heads, queries, keys) marking the
+    edges to cut (a query cut off from every key it could see reads nothing: its output is zero).
+    ``scores`` edits the pre-softmax scores and ``observe`` sees the weights; both need
+    ``eager = True`` (the call then runs eager attention, whatever the model's implementation).
+    """
+
+    eager = False
+
+    def __init__(self, modules: "list[nn.Module]"):
+        self.modules = list(modules)
+        self._ids = {id(m) for m in self.modules}
+
+    def targets(self, module: nn.Module) -> bool:
+        return id(module) in self._ids
+
+    def block(self, call: AttentionCall) -> torch.Tensor | None:
+        return None
+
+    def scores(self, call: AttentionCall, scores: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def observe(self, call: AttentionCall, weights: torch.Tensor) -> None:
+        return None
+
+
+@dataclass(eq=False)
+class _Dispatch:
+    model: nn.Module
+    saved: dict[str, Any]  # the implementation of the model and its sub-configs before, for set_attn_implementation
+    before: dict[int, tuple[Any, str]]  # id(config) -> (config, implementation before)
+    base: dict[int, str | None]  # id(module) -> implementation it wraps (None: its sub-model did not switch)
+    edits: list[AttentionEdit] = field(default_factory=list)
+    calls: dict[int, int] = field(default_factory=dict)
+
+
+_BY_MODEL: dict[int, _Dispatch] = {}
+_BY_MODULE: dict[int, _Dispatch] = {}
+_BY_CONFIG: dict[int, str] = {}
+_REGISTERED: list[bool] = []
+
+
+def _register() -> None:
+    if not _REGISTERED:
+        transformers.AttentionInterface.register(DISPATCH, _dispatch)
+        AttentionMaskInterface.register(DISPATCH, _mask)
+        _REGISTERED.append(True)
+
+
+def _mask(**kwargs: Any) -> Any:
+    """The mask of the wrapped implementation, always materialised (the dispatcher edits it)."""
+    base = _BY_CONFIG.get(id(kwargs.get("config")))
+    if base is None:
+        raise CompatibilityError(f"an attention mask was requested under {DISPATCH!r} for a config vlm-interp did "
+                                 "not switch; attention edits must be applied with vlm_interp's context managers")
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return AttentionMaskInterface()[base](**kwargs)
+
+
+def _allowed(module: nn.Module, base: str, mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+             is_causal: bool | None) -> tuple[torch.Tensor, bool]:
+    """(edges the model's own mask lets through as a boolean (B|1, 1|H, Q, K) tensor, whether a None mask is causal).
+
+    A missing mask means full attention, except under sdpa for a causal module and several queries, where
+    sdpa's ``is_causal`` applies (aligned to the first keys, as sdpa does).
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    if mask is None:
+        flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = base == "sdpa" and q_len > 1 and bool(flag)
+        full = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+        return (full.tril() if causal else full)[None, None], causal
+    if mask.dtype == torch.bool:
+        return mask, False
+    return mask > torch.finfo(mask.dtype).min / 2, False
+
+
+def _eager(module, query, key, value, mask, edits, call, dropout: float = 0.0, scaling: float | None = None,
+           softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention (scores, Gemma 2's soft cap where given, mask, softmax in float32, weights times values), with
+    score edits and observers."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _EAGER_IGNORES)
+    if unknown:
+        raise CompatibilityError(f"{type(module).__name__} passes {unknown} to its attention function; vlm-interp's "
+                                 "eager attention (weight capture, score edits) cannot honour them")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` consecutive query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    if softcap is not None:  # attention-logit soft capping (Gemma 2), before the mask as the model's eager does
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+            else scores + mask
+    for edit in edits:
+        new = edit.scores(call, scores)
+        scores = scores if new is None else new
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    for edit in edits:
+        edit.observe(call, weights)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _run_base(base: str, module, query, key, value, mask, **kwargs):
+    if base == "eager":
+        return _eager(module, query, key, value, mask, [], None, **kwargs)
+    return transformers.AttentionInterface()[base](module, query, key, value, mask, **kwargs)
+
+
+def _dispatch(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, **kwargs: Any):
+    """The attention function registered under :data:`DISPATCH`: the wrapped implementation plus the active edits."""
+    state = _BY_MODULE.get(id(module))
+    if state is None or state.base.get(id(module)) is None:
+        raise CompatibilityError(f"{type(module).__name__} runs under {DISPATCH!r} outside vlm-interp's attention "
+                                 "edits; use vlm_interp's context managers, which restore the implementation")
+    state.calls[id(module)] = state.calls.get(id(module), 0) + 1
+    base = state.base[id(module)]
+    edits = [e for e in state.edits if e.targets(module)]
+    if not edits:
+        return _run_base(base, module, query, key, value, attention_mask, **kwargs)
+    call = AttentionCall(module, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    allowed, causal = _allowed(module, base, attention_mask, query, key, kwargs.get("is_causal"))
+    cut = None
+    for edit in edits:
+        edges = edit.block(call)
+        if edges is not None:
+            cut = edges if cut is None else cut | edges
+    mask = attention_mask
+    if cut is not None:  # a head axis only where some edit cuts per head
+        cut = cut.to(allowed.device)
+        heads = torch.broadcast_shapes(allowed.shape, cut.shape)[1]
+        shape = (call.batch, heads, call.q_len, call.k_len)
+        allowed, cut = allowed.expand(shape), cut.expand(shape)
+        if mask is None or mask.dtype == torch.bool:
+            mask = allowed & ~cut
+        else:
+            mask = mask.expand(shape).masked_fill(cut, torch.finfo(mask.dtype).min)
+    elif causal and any(e.eager for e in edits):
+        mask = allowed
+    if any(e.eager for e in edits):
+        out, weights = _eager(module, query, key, value, mask, edits, call, **kwargs)
+    else:
+        out, weights = _run_base(base, module, query, key, value, mask, **kwargs)
+    if cut is not None:
+        dead = allowed.any(-1) & ~(allowed & ~cut).any(-1)  # (B, H, Q): queries the edits cut off from every key
+        if dead.any():
+            out = out.masked_fill(dead.transpose(1, 2)[..., None], 0.0)
+            weights = None if weights is None else weights.masked_fill(dead[..., None], 0.0)
+    return out, weights
+
+
+def _install(model: nn.Module) -> _Dispatch:
+    _register()
+    subs = {path: m for path, m in model.named_modules() if isinstance(m, transformers.PreTrainedModel)}
+    before = {id(m.config): (m.config, attn_implementation(m.config)) for m in subs.values()}
+    for path, m in subs.items():
+        impl = attn_implementation(m.config)
+        if impl not in BASES:
+            raise CompatibilityError(f"attention edits wrap sdpa or eager attention, but {path or 'the model'} "
+                                     f"({type(m).__name__}) runs {impl!r}; load it with attn_implementation='sdpa'")
+    config = model.config
+    saved = {"": attn_implementation(config)}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            saved[key] = attn_implementation(sub)
+    model.set_attn_implementation(DISPATCH)
+    owners = sorted(subs, key=len, reverse=True)  # deepest sub-model first
+    base: dict[int, str | None] = {}
+    for path, module in model.named_modules():
+        owner = next(o for o in owners if o == "" or path == o or path.startswith(o + "."))
+        cfg = subs[owner].config
+        base[id(module)] = before[id(cfg)][1] if attn_implementation(cfg) == DISPATCH else None
+    state = _Dispatch(model, saved, before, base)
+    _BY_MODEL[id(model)] = state
+    for cid, (_, impl) in before.items():
+        _BY_CONFIG[cid] = impl
+    for mid in base:
+        _BY_MODULE[mid] = state
+    return state
+
+
+def _uninstall(state: _Dispatch) -> None:
+    model = state.model
+    for mid in state.base:
+        _BY_MODULE.pop(mid, None)
+    for cid in state.before:
+        _BY_CONFIG.pop(cid, None)
+    _BY_MODEL.pop(id(model), None)
+    model.set_attn_implementation(state.saved)
+    wrong = [type(c).__name__ for c, impl in state.before.values() if attn_implementation(c) != impl]
+    if wrong:
+        raise CompatibilityError(f"could not restore the attention implementation of {wrong} after attention edits "
+                                 f"with transformers {VERSION}")
+
+
+@contextlib.contextmanager
+def attention_edits(model: nn.Module, edits: "list[AttentionEdit]") -> Iterator[None]:
+    """Apply ``edits`` to ``model``'s attention while the body runs; they stack with edits already active.
+
+    The first active edit switches the model to the dispatcher (``set_attn_implementation``); the
+    last one out restores each sub-model's implementation. An edit whose modules do not route through
+    the interface is refused up front; one whose modules never ran in the body is an error.
+    """
+    state = _BY_MODEL.get(id(model))
+    fresh = state is None
+    if fresh:
+        state = _install(model)
+    try:
+        for edit in edits:
+            stuck = [type(m).__name__ for m in edit.modules if state.base.get(id(m)) is None]
+            if stuck:
+                raise CompatibilityError(f"{sorted(set(stuck))} do not compute attention through transformers' "
+                                         f"AttentionInterface with transformers {VERSION}; attention edits cannot "
+                                         "reach them")
+        start = {id(m): state.calls.get(id(m), 0) for e in edits for m in e.modules}
+        state.edits.extend(edits)
+        try:
+            yield
+        finally:
+            for edit in edits:
+                state.edits.remove(edit)
+        silent = sorted({type(m).__name__ for e in edits for m in e.modules
+                         if state.calls.get(id(m), 0) == start[id(m)]})
+        if silent:
+            raise HookNeverFiredError(f"attention edits on {silent} never ran: the forward pass did not reach those "
+                                      "attention modules (a tower this input does not use?)")
+    finally:
+        if fresh:
+            _uninstall(state)

@@ -31,7 +31,8 @@ REGISTRY: dict[str, Callable[[object], Adapter]] = {
 
 HOW_TO_ADD = (
     "To add a family, write vlm_interp/adapters/<family>.py with a build(config) -> Adapter that gives its towers "
-    "(layer list path, component table, head-count config key; for the answer LM its tail and the keywords the "
+    "(layer list path, component table, head-count config key, its attention modules and whether they compute "
+    "attention through transformers' AttentionInterface; for the answer LM its tail and the keywords the "
     "fast path may replay, a final-logit soft cap, whether input + attn + mlp = output, how its batch "
     "holds tiles or packs positions without a batch axis, scales before the residual add, features added between "
     "its layers), its decoder kind, default prompt template and image-token facts (placeholder and the processor "

@@ -76,6 +76,23 @@ class Padding:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """The module that computes one attention component of a layer, and how attention edits reach it.
+
+    ``module`` is its path relative to the layer. ``keys`` names the tower whose positions its
+    keys are (cross-attention reads another tower's output; ``None``: the tower's own sequence).
+    ``interface``: it computes attention through transformers' ``AttentionInterface``, so
+    knockout, weight capture and score edits reach it through vlm-interp's dispatcher
+    (:mod:`vlm_interp.compat`); otherwise ``why`` says what stops them.
+    """
+
+    module: str
+    keys: str | None = None
+    interface: bool = True
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Tower:
     """One stack of layers: where it lives, what each component is, how many heads it has.
 
@@ -122,6 +139,8 @@ class Tower:
     # ``residual_scale`` where it has one, is its output (pre-norm blocks, where these sites are the tensors added to
     # the residual stream); False for post-norm layers (BERT), where a LayerNorm follows each add.
     residual_sum: bool = False
+    # The attention modules of a layer, by the component they produce ("attn", "xattn"); see Attention.
+    attention: dict[str, Attention] = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:
@@ -283,6 +302,15 @@ class BoundAdapter:
             for component, (param, _) in tower.residual_scale.items():
                 if not any(_has_parameter(layer, param) for layer in layers):
                     problems.append(f"{name}.residual_scale.{component}: no layer has a parameter {param!r}")
+            for component, attention in tower.attention.items():
+                for layer in self.layers_with(name, component) if component in tower.components else [None]:
+                    try:
+                        if layer is None:
+                            raise ModuleNotFoundInModelError(f"{component!r} is not a component of the tower")
+                        resolve_module(self.model, f"{tower.layers}.{layer}.{attention.module}")
+                    except ModuleNotFoundInModelError as err:
+                        problems.append(f"{name}.attention[{component!r}]: {err}")
+                        break
         extra = {"vision_root": self.adapter.vision_root} if self.adapter.vision_root else {}
         extra.update({f"patch_projector[{i}]": path for i, path in enumerate(self.adapter.patch_projector)})
         extra.update({f"noise_places.{k}": p.module for k, p in self.adapter.noise_places.items()})
@@ -372,6 +400,19 @@ class BoundAdapter:
         for module in self.tail_modules(tower):
             hidden = primary_tensor(module(hidden), type(module).__name__)
         return soft_cap(hidden, self.logit_softcap(tower))
+
+    def attention(self, tower: str, component: str) -> Attention:
+        """The attention module spec of ``component`` (``attn``, ``xattn``) in ``tower``, with an error naming what
+        exists."""
+        spec = self._tower(tower)
+        if component not in spec.attention:
+            raise SiteError(f"the {tower} tower of {self.adapter.family} has no attention component {component!r}; "
+                            f"it has {sorted(spec.attention) or 'none'}")
+        return spec.attention[component]
+
+    def attention_path(self, tower: str, component: str, layer: int) -> str:
+        """Dotted path of the module computing ``component`` attention at ``layer``."""
+        return f"{self._tower(tower).layers}.{layer}.{self.attention(tower, component).module}"
 
     def tail_modules(self, tower: str) -> list[nn.Module]:
         """The modules after ``tower``'s last layer that produce logits, in order (optional ones if present)."""

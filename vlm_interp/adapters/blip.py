@@ -7,7 +7,7 @@ the answer decoder, which produces the answer, is the ``lm`` tower.
 from __future__ import annotations
 
 from .base import Adapter, NoisePlace, Tower
-from .tables import BERT_XATTN_LAYER, BLIP_PATCHES, BLIP_VISION_LAYER
+from .tables import BERT_XATTN_LAYER, BLIP_PATCHES, BLIP_VISION_ATTENTION, BLIP_VISION_LAYER, blip_text_attention
 
 MODEL_CLASSES = ("BlipForQuestionAnswering",)
 
@@ -18,11 +18,14 @@ def build(config) -> Adapter:
         model_classes=MODEL_CLASSES,
         towers={
             "vision": Tower("vision_model.encoder.layers", BLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                            description="ViT", residual_sum=True),
+                            description="ViT", residual_sum=True, attention=BLIP_VISION_ATTENTION),
             "text": Tower("text_encoder.encoder.layer", BERT_XATTN_LAYER, "text_config.num_attention_heads",
-                          description="question encoder, cross-attends to the image"),
+                          description="question encoder, cross-attends to the image",
+                          attention=blip_text_attention("vision")),
             "lm": Tower("text_decoder.bert.encoder.layer", BERT_XATTN_LAYER, "text_config.num_attention_heads",
-                        description="answer decoder, cross-attends to the question encoding"),
+                        description="answer decoder, cross-attends to the question encoding",
+                        attention=blip_text_attention("text", "BLIP-VQA's answer decoder never attends to image "
+                                                      "tokens: it cross-attends to the question encoder's output")),
         },
         decoder="blip",
         default_template="{question}",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .base import Adapter, Padding, Tower
-from .tables import BLIP_PATCHES, BLIP_VISION_LAYER, DECODER_PADDING, QFORMER_LAYER, QFORMER_QUERIES, lm_tower
+from .tables import (BLIP_PATCHES, BLIP_VISION_LAYER, DECODER_PADDING, QFORMER_ATTENTION, QFORMER_LAYER, QFORMER_QUERIES,
+                     SELF_ATTN, lm_tower)
 
 BLIP2_CLASSES = ("Blip2ForConditionalGeneration",)
 INSTRUCTBLIP_CLASSES = ("InstructBlipForConditionalGeneration",)
@@ -17,9 +18,10 @@ def query_tokens(config, inputs) -> int:
 def _towers(config) -> dict[str, Tower]:
     return {
         "vision": Tower("vision_model.encoder.layers", BLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                        description="ViT", residual_sum=True),
+                        description="ViT", residual_sum=True, attention=SELF_ATTN),
         "qformer": Tower("qformer.encoder.layer", QFORMER_LAYER, "qformer_config.num_attention_heads",
-                         description="Q-Former (queries first, then instruction text for InstructBLIP)"),
+                         description="Q-Former (queries first, then instruction text for InstructBLIP)",
+                         attention=QFORMER_ATTENTION),
         "lm": lm_tower(config, "language_model.model", "language_model.lm_head"),
     }
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .. import compat
 from ..errors import ImageTokenMismatchError
-from .base import Adapter, ImageLayout, NoisePlace, Slot, Tower
+from .base import Adapter, Attention, ImageLayout, NoisePlace, Slot, Tower
 from .idefics3 import _cells
 from .tables import lm_tower
 
@@ -90,7 +90,7 @@ def build(config) -> Adapter:
         towers={
             "vision": Tower("model.vision_tower.encoder.layer", INTERNVIT_LAYER, "vision_config.num_attention_heads",
                             description="InternViT, one entry per image tile (CLS first in each)",
-                            batch_layout="tiles", residual_sum=True,
+                            batch_layout="tiles", residual_sum=True, attention={"attn": Attention("attention")},
                             residual_scale={"attn": ("lambda_1", "scale"), "mlp": ("lambda_2", "scale")}),
             "lm": lm_tower(config, "model.language_model", "lm_head"),
         },

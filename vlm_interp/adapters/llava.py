@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter, NoisePlace, Tower
-from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, DECODER_PADDING, lm_tower
+from .tables import CLIP_PATCHES, CLIP_VISION_LAYER, DECODER_PADDING, SELF_ATTN, lm_tower
 
 MODEL_CLASSES = ("LlavaForConditionalGeneration",)
 # the projector MLP that maps each CLIP token into the LM: its two linear layers, around its activation
@@ -12,7 +12,7 @@ PATCH_PROJECTOR = ("model.multi_modal_projector.linear_1", "model.multi_modal_pr
 
 def clip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
     return Tower(f"{prefix}.encoder.layers", CLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                 description="CLIP vision encoder", residual_sum=True)
+                 description="CLIP vision encoder", residual_sum=True, attention=SELF_ATTN)
 
 
 def patch_tokens(config, inputs) -> int:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from .. import compat
 from ..errors import ImageTokenMismatchError
-from .base import Adapter, ImageLayout, NoisePlace, Slot, Tower
+from .base import Adapter, Attention, ImageLayout, NoisePlace, Slot, Tower
 from .idefics3 import _cells
-from .tables import DECODER_REPLAY
+from .tables import DECODER_REPLAY, SELF_ATTN
 
 MODEL_CLASSES = ("MllamaForConditionalGeneration",)
 
@@ -90,16 +90,19 @@ def build(config) -> Adapter:
         model_classes=MODEL_CLASSES,
         towers={
             "vision": Tower("model.vision_model.transformer.layers", VISION_LAYER, "vision_config.attention_heads",
-                            description="local vision encoder, one sequence per image (tiles in turn)", residual_sum=True),
+                            description="local vision encoder, one sequence per image (tiles in turn)", residual_sum=True,
+                            attention=SELF_ATTN),
             "vision_global": Tower("model.vision_model.global_transformer.layers", VISION_LAYER,
                                    "vision_config.attention_heads", residual_scale=GATES,
-                                   description="global vision encoder (tanh-gated), same positions", residual_sum=True),
+                                   description="global vision encoder (tanh-gated), same positions", residual_sum=True,
+                                   attention=SELF_ATTN),
             "lm": Tower("model.language_model.layers", LM_LAYER, "text_config.num_attention_heads",
                         kv_heads="text_config.num_key_value_heads", residual_scale=XATTN_GATES,
                         description="Llama with cross-attention layers reading the vision tokens",
                         # not a plain sum: cross-attention layers multiply the MLP output by a row mask (text rows
                         # before the image get none) between the hooked output and the residual add
                         residual_sum=False,
+                        attention={"attn": Attention("self_attn"), "xattn": Attention("cross_attn", keys="cross")},
                         tail=("model.language_model.norm", "lm_head"), replay=DECODER_REPLAY),
         },
         decoder="causal",

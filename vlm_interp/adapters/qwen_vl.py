@@ -29,8 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import geometry
-from .base import Adapter, NoisePlace, Replay, Tower
-from .tables import DECODER_REPLAY, LLAMA_LAYER
+from .base import Adapter, Attention, NoisePlace, Replay, Tower
+from .tables import DECODER_REPLAY, LLAMA_LAYER, SELF_ATTN
 
 QWEN2_CLASSES = ("Qwen2VLForConditionalGeneration",)
 QWEN2_5_CLASSES = ("Qwen2_5_VLForConditionalGeneration",)
@@ -52,6 +52,13 @@ REPLAY = {
     "position_embeddings": Replay("pair", seq_axis=-2, batch_axis=-3),
 }
 TEMPLATE = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# Qwen's vision attention splits the packed positions at cu_seqlens and calls the attention function once per image,
+# so a call's positions are not the tower's; attention edits would address the wrong positions
+PACKED_ATTENTION = {"attn": Attention("attn", interface=False,
+                                      why="Qwen's vision attention runs one attention call per image of the packed "
+                                          "sequence, whose positions the attention dispatcher cannot map to the tower's")}
 
 
 def _grid(config, inputs: dict) -> tuple[int, int, int, int]:
@@ -121,10 +128,11 @@ def _adapter(config: Any, family: str, classes: tuple[str, ...], windowed: bool,
              added_after: tuple[int, ...] = (), notes: str = "") -> Adapter:
     lm = Tower("model.language_model.layers", LLAMA_LAYER, "text_config.num_attention_heads",
                kv_heads="text_config.num_key_value_heads", description=f"{config.text_config.model_type} decoder",
-               tail=("model.language_model.norm", "lm_head"), replay=REPLAY, added_after=added_after, residual_sum=True)
+               tail=("model.language_model.norm", "lm_head"), replay=REPLAY, added_after=added_after, residual_sum=True,
+               attention=SELF_ATTN)
     vision = Tower("model.visual.blocks", VISION_LAYER, "vision_config.num_heads", batch_layout="packed",
                    description="ViT on packed patches" + (" (windowed attention)" if windowed else ""),
-                   residual_sum=True)
+                   residual_sum=True, attention=PACKED_ATTENTION)
     return Adapter(
         family=family,
         model_classes=classes,

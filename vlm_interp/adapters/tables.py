@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UnknownArchitectureError
-from .base import NoisePlace, Padding, Replay, Slot, Tower
+from .base import Attention, NoisePlace, Padding, Replay, Slot, Tower
 
 # Decoder-only language models, keyed by the text config's model_type.
 LLAMA_LAYER: dict[str, Slot] = {
@@ -58,6 +58,21 @@ DECODER_PADDING: dict[str, Padding] = {
     "input_ids": Padding("left", TOKEN_FILL, tower="lm"),
     "attention_mask": Padding("left", 0),
 }
+# Attention modules of the layer kinds (see Attention): where knockout, weight capture and score edits act.
+SELF_ATTN = {"attn": Attention("self_attn")}  # LLaMA, OPT, CLIP, BLIP-2's ViT: through the AttentionInterface
+QFORMER_ATTENTION = {"attn": Attention("attention.attention"),
+                     "xattn": Attention("crossattention.attention", keys="vision")}
+BLIP_INLINE = ("BLIP's attention modules compute attention inline, not through transformers' AttentionInterface, "
+               "so attention edits and weight capture cannot reach them")
+BLIP_VISION_ATTENTION = {"attn": Attention("self_attn", interface=False, why=BLIP_INLINE)}
+
+
+def blip_text_attention(keys: str, note: str = "") -> dict[str, Attention]:
+    """BLIP's BERT-style layers: self-attention and cross-attention over ``keys``' output, both inline."""
+    why = (note + "; " if note else "") + BLIP_INLINE
+    return {"attn": Attention("attention.self", interface=False, why=why),
+            "xattn": Attention("crossattention.self", keys=keys, interface=False, why=why)}
+
 
 # Noise places shared by several families (see vlm_interp/corruptions/noise.py).
 CLIP_PATCHES = NoisePlace("model.vision_tower.embeddings", "output", "vision", "position", "vision_config.hidden_size",
@@ -83,7 +98,7 @@ SIGLIP_VISION_LAYER = CLIP_VISION_LAYER  # SigLIP's encoder layers have CLIP's l
 def siglip_vision_tower(prefix: str = "model.vision_tower") -> Tower:
     """A SigLIP vision encoder (LLaVA-OneVision, Gemma 3, PaliGemma): patches only, no class token."""
     return Tower(f"{prefix}.encoder.layers", SIGLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                 description="SigLIP vision encoder", residual_sum=True)
+                 description="SigLIP vision encoder", residual_sum=True, attention=SELF_ATTN)
 
 
 BLIP_VISION_LAYER: dict[str, Slot] = {
@@ -136,4 +151,5 @@ def lm_tower(config, base_path: str, lm_head: str, heads_prefix: str = "text_con
         replay=DECODER_REPLAY,
         softcap=softcap,
         residual_sum=True,
+        attention=SELF_ATTN,
     )

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import benchmarks, demo, info, interventions, sweeps, trace, zoo
+from . import benchmarks, demo, info, interventions, methods, sweeps, trace, zoo
 
-GROUPS = (demo, info, zoo, trace, sweeps, benchmarks, interventions)
+GROUPS = (demo, info, zoo, trace, sweeps, methods, benchmarks, interventions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,3 +20,9 @@ from .agreement import agreement, agreement_cells
 from .attribution import attribution_patching, integrated_patching
 
 __all__ += ["attribution_patching", "integrated_patching", "agreement", "agreement_cells"]
+
+from .attention import AttentionMaps, attention_maps
+from .knockout import Knockout, knocked_out, knockout
+from .lens import Lens, logit_lens
+
+__all__ += ["logit_lens", "Lens", "knockout", "knocked_out", "Knockout", "attention_maps", "AttentionMaps"]
