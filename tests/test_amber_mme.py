@@ -184,3 +184,24 @@ def test_mme_metrics_by_hand():
     assert table.loc["existence", "acc_lo"] <= table.loc["existence", "acc"] <= table.loc["existence", "acc_hi"]
     with pytest.raises(MmeFormatError, match="exactly its two answers"):
         mme_metrics(frame.iloc[:-1], n_boot=10)
+
+
+def test_built_in_sets_have_their_documented_layouts(tmp_path):
+    import vlm_interp  # noqa: F401  (the package root registers the built-in sets)
+    from vlm_interp.hallucination.sets import QUESTION_SETS
+    from vlm_interp.zoo.shapes import SHAPES
+
+    amber = QUESTION_SETS["zoo-amber"](tmp_path / "amber", 3)
+    for name in ("query/query_all.json", "annotations.json", "relation.json", "safe_words.txt"):
+        assert (amber / name).is_file()
+    items, vocab = read_amber_folder(amber)
+    assert [i.id for i in items] == list(range(1, len(items) + 1))
+    assert [i.dimension for i in items[:3]] == ["generative"] * 3 and not any(i.generative for i in items[3:])
+    assert all(i.truth == "no" for i in items if i.dimension == "existence")  # as AMBER's existence questions
+    assert all(set(i.truth) <= set(SHAPES) and not set(i.truth) & set(i.hallu) for i in items[:3])
+    assert {i.type for i in items if i.dimension == "relation"} <= {"discriminative-relation", "relation"}
+    assert vocab.mentions("a disk and two boxes") == ["disk", "box"]
+    mme = QUESTION_SETS["zoo-mme"](tmp_path / "mme", 3)
+    questions = read_mme(mme, ["existence", "color", "position"])  # two per image, one Yes and one No (checked)
+    assert all(q.text.endswith(" Please answer yes or no.") for q in questions)
+    assert not (mme / "count").exists()  # no organism is trained to count
