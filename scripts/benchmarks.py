@@ -36,10 +36,15 @@ from threshold_baseline import matching_threshold, rates  # noqa: E402
 HEADS = ("heads-damp(4)",)
 
 
-def systems(name: str) -> dict[str, object]:
+def systems(name: str, only: list[str] | None = None) -> dict[str, object]:
     specs = json.loads((ROOT / "results" / "interventions.json").read_text())["organisms"][name]["specs"]
     out = {"vcd(1)": "vcd:alpha=1", "vhr(2)": "vhr:alpha=2"}
     out.update({k: specs[k] for k in HEADS if k in specs and specs[k].startswith("scale:")})
+    if only is not None:
+        missing = sorted(set(only) - set(out))
+        if missing:
+            raise SystemExit(f"unknown systems {missing}; choose from {sorted(out)}")
+        out = {k: v for k, v in out.items() if k in only}
     return {k: from_spec(v) for k, v in out.items()}
 
 
@@ -81,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organisms", nargs="+", default=["shapes-llava"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/vlm-interp-benchmarks"))
     parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--systems", nargs="+", help="only these interventions (default: all)")
     args = parser.parse_args(argv)
     report, lines = {}, []
     for name in args.organisms:
         vlm = vi.load(f"zoo:{name}")
         work = args.work / name
-        interventions = systems(name)
+        interventions = systems(name, args.systems)
         result = compare_benchmarks([vlm], ["pope", "amber", "mme"], out=work, interventions=interventions,
                                     n_images=args.images, splits=("random", "adversarial"), n_boot=1000)
         others = [f"{vlm.name} + {k}" for k in interventions]
