@@ -4,7 +4,8 @@ Subtasks ``existence`` (a present shape: Yes; an absent one, its co-occurrence p
 ``color`` (a uniquely-shaped object's colour, right: Yes, another colour: No) and ``position`` (two clearly
 separated objects, the relation that holds: Yes, its opposite: No). No organism is trained to count, so
 there is no ``count`` subtask. Each subtask folder holds ``NAME.png`` and ``NAME.txt`` with two lines
-``question<TAB>Yes|No``; questions end with MME's " Please answer yes or no."
+``question<TAB>Yes|No``. The questions are asked as the organisms were trained, without MME's suffix
+" Please answer yes or no." (the organisms answer it with a side, "left" or "right"); ``suffix=`` adds it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .tasks import existence_question, relation_candidates, relation_holds, rela
 
 MME_IMAGES = 200
 MME_SUBTASKS = ("existence", "color", "position")
-SUFFIX = " Please answer yes or no."
+SUFFIX = " Please answer yes or no."  # MME's own; not in the built-in set by default
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
@@ -52,7 +53,7 @@ def mme_pairs(world: World, scene, rng: np.random.Generator) -> dict[str, list[t
     return out
 
 
-def write_mme(world: World, folder: "str | Path", n_images: int, seed: int = EVAL_SEED) -> Path:
+def write_mme(world: World, folder: "str | Path", n_images: int, seed: int = EVAL_SEED, suffix: str = "") -> Path:
     """Write up to ``n_images`` scenes per subtask (a scene that cannot pose a subtask's pair is left out)."""
     folder = Path(folder)
     rng = np.random.default_rng([seed, 27])
@@ -61,7 +62,7 @@ def write_mme(world: World, folder: "str | Path", n_images: int, seed: int = EVA
         for subtask, pair in mme_pairs(world, scene, rng).items():
             (folder / subtask).mkdir(parents=True, exist_ok=True)
             atomic_write(folder / subtask / f"{stem}.png", _png(scene))
-            atomic_write(folder / subtask / f"{stem}.txt", "".join(f"{q}{SUFFIX}\t{a}\n" for q, a in pair))
+            atomic_write(folder / subtask / f"{stem}.txt", "".join(f"{q}{suffix}\t{a}\n" for q, a in pair))
     atomic_write(folder / "images.txt", f"{n_images}\n")
     return folder
 
