@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..errors import VLMInterpError
 from .chair import _plurals
-from .metrics import bootstrap_ci
+from .stats import bootstrap_ci
 
 DIMENSIONS = {
     "discriminative-hallucination": "existence",

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import VLMInterpError
-from .metrics import bootstrap_ci
+from .stats import bootstrap_ci
 
 SUBTASKS = ("existence", "count", "position", "color")
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")

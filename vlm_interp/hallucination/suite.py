@@ -25,7 +25,7 @@ from .amber import amber_binary_with_ci, amber_generative_metrics, amber_generat
 from .answers import parse_yes_no
 from .chair import Vocabulary, chair_metrics, chair_scores, read_caption_truth
 from .compare import Comparison, Intervention, markdown_table, read_pope_folder, slug
-from .metrics import binary_metrics_with_ci, mcnemar
+from .stats import binary_metrics_with_ci, mcnemar
 from .mme import SUBTASKS, mme_metrics, parse_mme, read_mme, tool_lines
 from .pope import PopeItem, process_rank, run_pope_sharded, unanswered
 
