@@ -16,7 +16,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 

@@ -18,7 +18,7 @@ from ..files import atomic_write
 from .amber import _png
 from .evaluate import EVAL_SEED
 from .organisms import ORGANISM_WORLD
-from .pope import pope_image_name
+from .pope_set import pope_image_name
 from .shapes import World
 from .tasks import existence_question, relation_candidates, relation_holds, relation_question
 
