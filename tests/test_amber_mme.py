@@ -205,3 +205,18 @@ def test_built_in_sets_have_their_documented_layouts(tmp_path):
     questions = read_mme(mme, ["existence", "color", "position"])  # two per image, one Yes and one No (checked)
     assert all(q.text.endswith("?") for q in questions)  # as the organisms were trained (no MME suffix)
     assert not (mme / "count").exists()  # no organism is trained to count
+
+
+def test_suite_tests_and_plot_by_hand(tmp_path):
+    from vlm_interp.hallucination.suite import paired, plot_suite
+
+    index = pd.MultiIndex.from_tuples([("random", k) for k in range(4)])
+    a = {("pope", "logits", "all"): pd.Series([True, True, False, False], index=index)}
+    b = {("pope", "logits", "all"): pd.Series([False, False, False, True], index=index)}
+    tests = paired({"A": a, "B": b})
+    assert tests[["only_a", "only_b", "n"]].values.tolist() == [[2, 1, 4]]
+    assert tests["p_value"].iloc[0] == pytest.approx(1.0)  # 3 discordant pairs, 2 vs 1: two-sided binomial = 1
+    table = pd.DataFrame([{"system": s, "benchmark": "pope", "split": "adversarial", "source": "logits",
+                           "metric": "accuracy", "value": v, "lo": v - 0.1, "hi": v + 0.1, "n": 4}
+                          for s, v in (("A", 0.5), ("B", 0.25))])
+    assert plot_suite(table, tmp_path / "p.png").stat().st_size > 0

@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..files import atomic_write
 from ..loading import load
-from ..plots import save_figure
+from ..figures import pyplot, save_figure
 from .amber import amber_binary_with_ci, amber_generative_metrics, amber_generative_scores, read_amber_folder
 from .answers import parse_yes_no
 from .chair import Vocabulary, chair_metrics, chair_scores, read_caption_truth
@@ -142,11 +142,7 @@ def paired(correct: dict[str, dict]) -> pd.DataFrame:
 
 def plot_suite(table: pd.DataFrame, path: Path) -> Path:
     """One panel per benchmark part: its headline metric per system (logits where there are), with intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     parts = [p for p in HEADLINE if p in set(table["benchmark"])]
     fig, axes = plt.subplots(1, len(parts), figsize=(2.8 * len(parts), 3.2), squeeze=False)
     for ax, part in zip(axes[0], parts):
@@ -159,10 +155,7 @@ def plot_suite(table: pd.DataFrame, path: Path) -> Path:
         ax.set_xticks(range(len(data)), data["system"], rotation=60, ha="right", fontsize=6)
         ax.set_title(f"{part}: {metric} ({split}, {source})", fontsize=8)
     fig.tight_layout()
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def compare_benchmarks(models: Sequence, benchmarks: Sequence[str] = ("pope",), out: "str | Path" = "vlm-interp-compare",
