@@ -34,8 +34,22 @@ def _zoo_question_set(folder, n_images):
     return pope_folder(folder, n_images)
 
 
+def _zoo_amber_set(folder, n_images):
+    from .zoo.amber import amber_folder
+
+    return amber_folder(folder, n_images)
+
+
+def _zoo_mme_set(folder, n_images):
+    from .zoo.mme import mme_folder
+
+    return mme_folder(folder, n_images)
+
+
 _loading.register_source("zoo", _organism_folder, "the shipped model organisms")
 _sets.register_question_set("zoo", _zoo_question_set)
+_sets.register_question_set("zoo-amber", _zoo_amber_set)
+_sets.register_question_set("zoo-mme", _zoo_mme_set)
 
 
 def __getattr__(name: str):

@@ -52,6 +52,9 @@ class VLM:
         self.answer_prefix = answer_prefix
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.family = self.adapter.adapter.family
+        # factories (vlm, model inputs) -> transformers LogitsProcessor, applied by generate() at every step and
+        # by first_token_logits(); contrastive decoders (VCD) add theirs here for the time they are active
+        self.logits_processors: list = []
 
     def __repr__(self) -> str:
         return f"VLM({self.name!r}, family={self.family!r})"
@@ -414,6 +417,9 @@ class VLM:
             answer, ids = ex.answer, ex.answer_ids
         else:
             ids = self.encode_answer(ex, answer)
+        if self.logits_processors:
+            raise AnswerEncodingError("whole-answer scores read the model's own logits, but a logits processor "
+                                      "(such as VCD) is active; it applies to generate() and first_token_logits()")
         with torch.no_grad(), applied(self, ex):
             logits = self.logits(self.answer_inputs(ex, ids))
         logp = torch.log_softmax(logits[0].float(), dim=-1)
@@ -423,9 +429,24 @@ class VLM:
         return AnswerScore(answer, ids, first, float(np.exp(first)), total, float(np.exp(total)))
 
     def first_token_logits(self, ex: Example) -> torch.Tensor:
-        """Logits over the vocabulary for the first answer token, shape (vocab,)."""
+        """Logits over the vocabulary for the first answer token, shape (vocab,).
+
+        Active logits processors (:attr:`logits_processors`) apply, as at generate's first step.
+        """
         with torch.no_grad(), applied(self, ex):
-            return self.logits(ex.inputs)[0, self.answer_start(ex)].float()
+            scores = self.logits(ex.inputs)[0, self.answer_start(ex)].float()
+            processors = self.logits_processor(ex.inputs)
+            if processors is not None:
+                scores = processors(ex.inputs["input_ids"], scores[None])[0]
+            return scores
+
+    def logits_processor(self, inputs: dict[str, torch.Tensor]):
+        """The active logits processors for one (possibly batched) set of model inputs, or ``None``."""
+        if not self.logits_processors:
+            return None
+        from transformers import LogitsProcessorList
+
+        return LogitsProcessorList([make(self, inputs) for make in self.logits_processors])
 
     def logit_diff(self, ex: Example, answer: str, other: str) -> float:
         """First-token logit of ``answer`` minus that of ``other`` (for example yes vs no)."""
@@ -444,6 +465,10 @@ class VLM:
         if problem:
             warnings.warn(problem, compat.KnownIssueWarning, stacklevel=2)
         with torch.no_grad(), applied(self, ex):
+            processors = self.logits_processor(ex.inputs)
+            if processors is not None:
+                processors.extend(kw.get("logits_processor") or [])
+                kw["logits_processor"] = processors
             out = self.model.generate(**ex.inputs, max_new_tokens=max_new_tokens, **kw)
         out = self.decoder.generated(out, ex.inputs)
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()

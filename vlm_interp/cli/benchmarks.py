@@ -71,7 +71,9 @@ def _chair(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from vlm_interp.hallucination.compare import compare, markdown_table
 
-    result = compare(args.models, benchmark=args.benchmark, questions=_own_questions(args), out=args.out,
+    if args.benchmark != ["pope"]:
+        return _compare_benchmarks(args)
+    result = compare(args.models, benchmark="pope", questions=_own_questions(args), out=args.out,
                      splits=args.splits, suffix=args.suffix, max_new_tokens=args.max_new_tokens,
                      interventions=named_interventions(args.intervention), n_images=args.images,
                      batch_size=args.batch_size, load_options=load_options(args))
@@ -79,6 +81,27 @@ def _compare(args: argparse.Namespace) -> int:
                                        "f1", "yes_ratio", "n"]]))
     if len(result.tests):
         print(markdown_table(result.tests, floatfmt=".4f"))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def _compare_benchmarks(args: argparse.Namespace) -> int:
+    from vlm_interp.hallucination.compare import markdown_table
+    from vlm_interp.hallucination.suite import compare_benchmarks
+
+    own = _own_questions(args)
+    if own is not None and len(args.benchmark) > 1:
+        raise SystemExit(f"--questions {own} gives one benchmark's folder, but --benchmark names "
+                         f"{' '.join(args.benchmark)}; run them one at a time, or use the built-in sets")
+    result = compare_benchmarks(args.models, args.benchmark, out=args.out,
+                                interventions=named_interventions(args.intervention),
+                                questions={args.benchmark[0]: own} if own is not None else None, n_images=args.images,
+                                splits=args.splits, suffix=args.suffix, max_new_tokens=args.max_new_tokens,
+                                caption_tokens=args.caption_tokens)
+    table = result.table
+    print(markdown_table(table[table["split"].isin(["all", "adversarial", "random", "generative", "captions"])]))
+    if len(result.tests):
+        print(markdown_table(result.tests[result.tests["split"] == "all"], floatfmt=".4f"))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
 
@@ -122,7 +145,11 @@ def add(sub) -> None:
     chair.set_defaults(run=_chair)
     comp = sub.add_parser("compare", help="several models side by side on the same questions, with paired tests")
     comp.add_argument("--models", nargs="+", required=True)
-    comp.add_argument("--benchmark", default="pope", choices=["pope"])
+    comp.add_argument("--benchmark", nargs="+", default=["pope"], choices=["pope", "chair", "amber", "mme"],
+                      help="one or several benchmarks, each on its built-in shapes-world set (default: pope); "
+                      "with several, one long table, paired tests per benchmark and one plot across them")
+    comp.add_argument("--caption-tokens", type=positive, default=32, help="tokens per caption for chair and "
+                      "AMBER's generative part (default 32)")
     comp.add_argument("--intervention", action="append", help="[NAME=]SPEC, repeatable; every model is also run "
                       "without intervention. " + INTERVENTION_HELP)
     _add_pope_args(comp, "vlm-interp-compare")

@@ -6,7 +6,8 @@ import argparse
 
 DEFAULT_MODEL = "zoo:shapes-llava"
 INTERVENTION_HELP = ("intervention during answering: heads:SCORES.nc,lambda=1 (V-SEAM head modulation), "
-                     "vhr:alpha=2[,layers=1-3], iri:PLAN.json, scale:lm.head.2.1=1.5+lm.head.3.0=0")
+                     "vhr:alpha=2[,layers=1-3], iri:PLAN.json, scale:lm.head.2.1=1.5+lm.head.3.0=0, "
+                     "vcd:alpha=1[,beta=0.1,noise=500,seed=0] (visual contrastive decoding)")
 
 
 def positive(text: str) -> int:

@@ -1,5 +1,5 @@
 """Interventions named by a short text, for the command line: ``heads:SCORES.nc,lambda=1``,
-``vhr:alpha=2,layers=1-3``, ``iri:PLAN.json``, ``scale:lm.head.2.1=1.5+lm.head.3.0=0``.
+``vhr:alpha=2,layers=1-3``, ``iri:PLAN.json``, ``scale:lm.head.2.1=1.5+lm.head.3.0=0``, ``vcd:alpha=1[,beta=0.1,noise=500,seed=0]``.
 
 Each spec becomes a function from a VLM to a context manager, the form that
 :func:`vlm_interp.hallucination.compare` takes. The strings are parsed by
@@ -16,12 +16,14 @@ from .iri import InjectionPlan, inject
 from .modulate import modulate_heads, v_seam_scales
 from .scoring import HeadScores
 from .steps import InterventionError
+from .vcd import vcd
 from .vhr import vhr
 
-KINDS = ("heads", "vhr", "iri", "scale")
+KINDS = ("heads", "vhr", "iri", "scale", "vcd")
 SPEC_HELP = ("heads:SCORES.nc[,lambda=1,kind=signed|positive|negative] (V-SEAM head modulation); "
              "vhr[:alpha=2,layers=1-3]; iri:PLAN.json; scale:SITE=FACTOR[+SITE=FACTOR...] "
-             "(for example scale:lm.head.2.1=1.5+lm.head.3.0=0)")
+             "(for example scale:lm.head.2.1=1.5+lm.head.3.0=0); "
+             "vcd[:alpha=1,beta=0.1,noise=500,seed=0] (visual contrastive decoding)")
 SPEC = SpecParser("intervention", SPEC_HELP, InterventionError)
 SCORE_KINDS = ("signed", "positive", "negative")
 
@@ -43,6 +45,11 @@ def _build(spec: str) -> Callable[[object], ContextManager]:
         alpha = SPEC.number("vhr", "alpha", opts.get("alpha", "2"))
         layers = SPEC.integers("vhr", "layers", opts["layers"]) if "layers" in opts else None
         return lambda vlm: vhr(vlm, alpha=alpha, layers=layers)
+    if kind == "vcd":
+        opts = SPEC.options("vcd", rest, ("alpha", "beta", "noise", "seed"))
+        alpha, beta = SPEC.number("vcd", "alpha", opts.get("alpha", "1")), SPEC.number("vcd", "beta", opts.get("beta", "0.1"))
+        noise, seed = SPEC.integer("vcd", "noise", opts.get("noise", "500")), SPEC.integer("vcd", "seed", opts.get("seed", "0"))
+        return lambda vlm: vcd(vlm, alpha=alpha, beta=beta, noise_step=noise, seed=seed)
     if kind == "iri":
         path = Path(rest)
         if not path.is_file():

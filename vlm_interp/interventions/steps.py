@@ -9,7 +9,8 @@ layer list) to learn, at each call, how long the cached past is and how long the
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -78,6 +79,10 @@ class StepTracker:
     def _see_call(self, args: tuple, kwargs: dict) -> None:
         if self.paused:
             return
+        if _EXTRA_RUN:
+            raise InterventionError(f"{_EXTRA_RUN[-1]} runs the model again during generation, and an intervention "
+                                    "that tracks generation steps (VHR, IRI) is active; they do not stack: "
+                                    "run them separately")
         x = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) and args[0].dim() == 2 else None)
         if x is None and ids is None:
@@ -102,3 +107,18 @@ class StepTracker:
             raise InterventionError("the step tracker has not seen an LM call yet")
         first = self.prompt_len - 1 - self.start
         return slice(max(0, first), None)
+
+
+# Set while an intervention runs an extra forward of its own during generation (VCD's contrast run). The
+# step tracker of VHR and IRI refuses to see one: their per-sequence state would take it for a new prompt.
+_EXTRA_RUN: list[str] = []
+
+
+@contextlib.contextmanager
+def extra_run(what: str) -> Iterator[None]:
+    """Mark the forwards inside as an intervention's own extra run (``what`` names it in errors)."""
+    _EXTRA_RUN.append(what)
+    try:
+        yield
+    finally:
+        _EXTRA_RUN.pop()
