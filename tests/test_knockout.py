@@ -37,6 +37,21 @@ def logits(vlm, inputs) -> torch.Tensor:
         return vlm.logits(inputs)
 
 
+def mask_inputs(vlm, inputs: dict, allowed: torch.Tensor) -> dict:
+    """Inputs with a hand-built 4-D boolean mask (query x key). Models that derive positions from the 2-D mask (Qwen's
+    M-RoPE) also get the position ids of their plain run, read with a plain torch pre-hook (call this outside hooks)."""
+    seen: dict = {}
+    if "mm_token_type_ids" in inputs:
+        lm = vlm.model.get_submodule(vlm.adapter.adapter.towers["lm"].layers.rsplit(".", 1)[0])
+        handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                vlm.model(**inputs)
+        finally:
+            handle.remove()
+    extra = {"position_ids": seen["position_ids"]} if seen else {}
+    return {**inputs, "attention_mask": allowed[None, None], **extra}
+
 def implementations(vlm) -> list:
     return [compat.attn_implementation(m.config) for m in vlm.model.modules() if hasattr(m, "config")
             and isinstance(m, torch.nn.Module) and hasattr(m.config, "_attn_implementation")]
@@ -55,15 +70,15 @@ def test_knocking_out_nothing_is_the_plain_forward_bit_for_bit(family, image):
     assert implementations(vlm) == before  # restored afterwards (sdpa; eager for Gemma 2, which has no sdpa)
 
 
-@pytest.mark.parametrize("family", ["llava", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "instructblip", "qwen2_5_vl"])
 def test_image_to_all_at_every_layer_equals_a_hand_built_4d_mask(family, image):
     vlm, ex = model(family), example(family, image)
     n = ex.inputs["input_ids"].shape[1]
     allowed = torch.ones(n, n).tril().bool()
     allowed[:, ex.groups["lm"]["image"]] = False
-    hand_hidden = vlm.hook(Site("lm", "hidden", 0), capture=True)
+    hand_hidden, masked = vlm.hook(Site("lm", "hidden", 0), capture=True), mask_inputs(vlm, ex.inputs, allowed)
     with torch.no_grad(), vlm.attach([hand_hidden]):
-        hand = vlm.model(**{**ex.inputs, "attention_mask": allowed[None, None]}).logits
+        hand = vlm.model(**masked).logits
     ours_hidden = vlm.hook(Site("lm", "hidden", 0), capture=True)  # composes with the hook engine
     with vlm.attach([ours_hidden]), knocked_out(vlm, ex, "image", list(range(n))):
         ours = logits(vlm, ex.inputs)
@@ -90,7 +105,7 @@ def test_qformer_cross_attention_knockout_equals_a_hand_built_encoder_mask(famil
     assert torch.allclose(hand[:, :queries], out.value[:, :queries], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "instructblip", "qwen2_5_vl"])
 def test_one_head_knockout_equals_the_same_edit_by_hand(family, image):
     """Cut image->last for one head of the last layer; by hand: that head's output from a run with the edge cut for
     every head (earlier layers restored from the plain run), written into the plain run."""
@@ -103,9 +118,9 @@ def test_one_head_knockout_equals_the_same_edit_by_hand(family, image):
     allowed = torch.ones(n, n).tril().bool()
     allowed[ex.groups["lm"]["last"][0], ex.groups["lm"]["image"]] = False
     restore = vlm.hook(Site("lm", "hidden", last - 1), lambda t: plain_prev.value)
-    cut_head = vlm.hook(Site("lm", "head", last, head), capture=True)
+    cut_head, masked = vlm.hook(Site("lm", "head", last, head), capture=True), mask_inputs(vlm, ex.inputs, allowed)
     with torch.no_grad(), vlm.attach([restore, cut_head]):
-        vlm.model(**{**ex.inputs, "attention_mask": allowed[None, None]})
+        vlm.model(**masked)
     write = vlm.hook(Site("lm", "head", last, head), lambda t: cut_head.value)
     with vlm.attach([write]):
         hand = logits(vlm, ex.inputs)
@@ -131,8 +146,9 @@ def test_knockout_during_cached_generation_equals_whole_sequence_forwards(image)
                                                            "attention_mask": torch.ones_like(ids)})[0, -1], atol=1e-4)
 
 
-def test_batched_rows_equal_one_at_a_time(image):
-    vlm, ex = model("llava"), example("llava", image)
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_batched_rows_equal_one_at_a_time(family, image):
+    vlm, ex = model(family), example(family, image)
     metric = make_metric(vlm, ex)
     cuts = [make_cut(vlm, ex, s, t, layers, heads)[1] for s, t, layers, heads in [
         ("image", "last", [0], None), ("object", "last", [1], [2]), ("image", "question", [0, 1], None),

@@ -21,7 +21,7 @@ def model(family: str) -> vi.VLM:
     return _MODELS[family]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_5_vl"])
 def test_the_lens_at_the_last_layer_is_the_models_own_logits(family, image):
     vlm = model(family)
     ex = vlm.prepare(image, QUESTION, answer="yes")
