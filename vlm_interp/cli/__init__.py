@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import benchmarks, demo, info, interventions, methods, sweeps, trace, zoo
+from . import benchmarks, demo, info, interventions, methods, report, sweeps, trace, zoo
 
-GROUPS = (demo, info, zoo, trace, sweeps, methods, benchmarks, interventions)
+GROUPS = (demo, info, zoo, trace, sweeps, methods, benchmarks, interventions, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,7 @@ def _chair(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from vlm_interp.hallucination.compare import compare, markdown_table
+    from vlm_interp.runs import report_run, write_manifest
 
     if args.benchmark != ["pope"]:
         return _compare_benchmarks(args)
@@ -81,7 +82,15 @@ def _compare(args: argparse.Namespace) -> int:
                                        "f1", "yes_ratio", "n"]]))
     if len(result.tests):
         print(markdown_table(result.tests, floatfmt=".4f"))
+    out = Path(args.out)
+    write_manifest(out, "compare", inputs={"models": args.models, "questions": args.questions or "zoo (built-in)",
+                                           "images": args.images, "splits": args.splits},
+                   settings={"benchmark": args.benchmark, "suffix": args.suffix, "max_new_tokens": args.max_new_tokens,
+                             "interventions": args.intervention or []},
+                   results=[{"file": "table.csv", "kind": "comparison", "title": "POPE comparison",
+                             "files": {"tests": "tests.csv"}}], files=list(result.files.values()))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    print(f"report: {report_run(out)}")
     return 0
 
 

@@ -15,6 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
     import vlm_interp as vi
     from vlm_interp.corruptions import noise
     from vlm_interp.figures import save_object_overlay
+    from vlm_interp.runs import report_run, save_example, write_manifest
     from vlm_interp.tracing import trace
     from vlm_interp.tracing.plot import plot_image_effects, plot_trace
     from vlm_interp.zoo.organisms import ORGANISM_WORLD
@@ -57,8 +58,21 @@ def _demo(args: argparse.Namespace) -> int:
               f"{position} ({ex.tokens[position]!r}), recovers {float(every.values[c, layer, position]):.2f}")
         files.append(plot_image_effects(tr, ex, out / "image_effects.png"))
     files.append(plot_trace(tr, out / "trace.png"))
-    tr.save(out / "trace.json")
-    print("\nwrote " + ", ".join(str(f) for f in files) + f", {out / 'trace.json'}")
+    files.append(tr.save(out / "trace.json"))
+    # the heads of every LM layer, restored at the image, the object and the last token
+    heads = trace(vlm, ex, corrupt, components=["lm.head"], tokens=["image", "object", "last"] if lm.get("object")
+                  else ["image", "last"], progress=False)
+    files.append(heads.save(out / "trace_heads.json"))
+    files.append(save_example(ex, out))
+    write_manifest(out, "demo", vlm=vlm, inputs={"image": f"shapes-world scene, seed {args.seed}",
+                                                 "question": question, "answer": "yes", "object": target.shape},
+                   corruption=tr.attrs["corruption"], settings={"components": list(tr.data.coords["component"].values),
+                                                                "tokens": "each", "metric": "prob"},
+                   results=[{"file": "trace.json", "kind": "trace", "title": "Causal trace of every LM site"},
+                            {"file": "trace_heads.json", "kind": "trace", "title": "Causal trace of the LM's heads"}],
+                   files=files + [out / "image.png"])
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    print(f"report: {report_run(out)}")
     return 0
 
 
@@ -67,5 +81,5 @@ def add(sub) -> None:
     demo = sub.add_parser("demo", help="the main job on an embedded default model: ask about a rendered scene")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model to load (default {DEFAULT_MODEL})")
     demo.add_argument("--seed", type=int, default=1, help="seed of the rendered shapes scene")
-    demo.add_argument("--out", default="vlm-interp-demo", help="folder for the pictures")
+    demo.add_argument("--out", default="vlm-interp-demo", help="folder for the pictures, results and report.html")
     demo.set_defaults(run=_demo)

@@ -21,6 +21,8 @@ def _trace(args: argparse.Namespace) -> int:
     import torch
 
     from vlm_interp.corruptions import from_spec
+    from vlm_interp.files import atomic_write
+    from vlm_interp.runs import report_run, save_example, write_manifest
     from vlm_interp.tracing import trace
     from vlm_interp.tracing.engine import FAST_PATHS
     from vlm_interp.tracing.plot import plot_image_effects, plot_trace
@@ -51,11 +53,20 @@ def _trace(args: argparse.Namespace) -> int:
                "clean_score": tr.attrs["clean_score"], "corrupt_score": tr.attrs["corrupt_score"],
                "metric": args.metric, "path": args.path, "best_cell": {k: str(v.values[0]) for k, v in best.coords.items()},
                "best_rr": float(rr.max())}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    files += [atomic_write(out / "summary.json", json.dumps(summary, indent=1)), save_example(ex, out)]
+    if ex.image is not None:
+        files.append(out / "image.png")
+    settings = {"tower": args.tower, "components": components, "tokens": args.tokens, "window": args.window,
+                "metric": args.metric, "path": args.path}
+    write_manifest(out, "trace", vlm=vlm, inputs={"image": args.image, "question": args.question, "answer": answer,
+                                                  "region": args.region}, corruption=args.corrupt, settings=settings,
+                   results=[{"file": "trace.json", "kind": "trace", "title": f"Causal trace ({args.corrupt})"}],
+                   files=files)
     print(f"{args.question} -> {answer!r}: {args.metric} clean {summary['clean_score']:.4f}, corrupted "
           f"{summary['corrupt_score']:.4f} ({args.corrupt})")
     print(f"strongest restoration: rr {summary['best_rr']:.3f} at {summary['best_cell']}")
-    print("wrote " + ", ".join(str(f) for f in files) + f", {out / 'summary.json'}")
+    print("wrote " + ", ".join(str(f) for f in files))
+    print(f"report: {report_run(out)}")
     return 0
 
 

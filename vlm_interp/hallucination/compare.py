@@ -30,6 +30,12 @@ class Comparison:
     tests: pd.DataFrame
     files: dict[str, Path]
 
+    def to_html(self, path: "str | Path | None" = None, title: str = "Comparison") -> "str | Path":
+        """An interactive, self-contained HTML report: the table with intervals, grouped plot, paired tests."""
+        from ..report import comparison_page
+
+        return comparison_page(self.table.to_dict("records"), self.tests.to_dict("records"), path, title)
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")

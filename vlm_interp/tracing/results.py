@@ -81,6 +81,16 @@ class Trace(Labelled):
     def rr(self) -> xr.DataArray:
         return recovery_rate(self.data, self.attrs["clean_score"], self.attrs["corrupt_score"])
 
+    def to_html(self, path: "str | Path | None" = None, example=None) -> "str | Path":
+        """An interactive, self-contained HTML report of this trace: the text, or the file written at ``path``.
+
+        ``example`` (the traced :class:`~vlm_interp.example.Example`) adds the image with the effect of
+        each image token drawn over its patch, with a slider over layers.
+        """
+        from ..report import trace_page
+
+        return trace_page(self, example, path)
+
     @classmethod
     def mean(cls, traces: Sequence["Trace"], dim: str = "example") -> xr.Dataset:
         """Mean, standard error and 95% interval of the recovery rate over ``traces`` (same labels)."""
