@@ -1,0 +1,203 @@
+"""The HTML report: what its figures hold (read back from the page, against numbers computed here), that it is
+self-contained, the run manifest, and the demo's report of shapes-llava."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from report_pages import QUESTION, array, figures, tiny_trace
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return tiny_trace()
+
+
+def by_hand_rr(tr, comp: str) -> np.ndarray:
+    """Recovery rate (patched - corrupted) / (clean - corrupted), from the trace's raw values."""
+    a = tr.attrs
+    return (tr.data.sel(component=comp).transpose("layer", "position").values - a["corrupt_score"]) / \
+        (a["clean_score"] - a["corrupt_score"])
+
+
+def test_every_component_has_a_heatmap_holding_the_traces_numbers(traced):
+    _, ex, tr = traced
+    figs = figures(tr.to_html(example=ex))
+    comps = list(tr.data.coords["component"].values)
+    assert len(figs) == len(comps) + 1  # one heatmap per component, one image overlay
+    image_cols = [k for k, g in enumerate(tr.data.coords["group"].values) if g in ("image",)]
+    for fig, comp in zip(figs, comps):
+        collapsed, expanded = fig["data"]
+        expected = by_hand_rr(tr, comp)
+        assert np.allclose(array(expanded["z"]), expected, atol=1e-5)
+        assert collapsed["visible"] is True and expanded["visible"] is False  # collapsed first
+        # the collapsed image column is the mean of the image tokens' columns, at the first image token's place
+        z = array(collapsed["z"])
+        assert z.shape[1] == expected.shape[1] - len(image_cols) + 1
+        assert np.allclose(z[:, image_cols[0]], expected[:, image_cols].mean(axis=1), atol=1e-5)
+        # hover data: the token text and site of every cell; the raw metric beside the recovery rate
+        custom = expanded["customdata"]
+        assert [c[0] for c in custom[0]][:3] == [ex.tokens[p] for p in range(3)]
+        assert custom[1][5][1] == f"lm.{comp}.1"
+        assert np.isclose(custom[1][5][2], float(tr.data.sel(component=comp, layer=1).values[5]), atol=1e-4)
+        assert "token %{customdata[0]}" in expanded["hovertemplate"] and "%{z:.3f}" in expanded["hovertemplate"]
+        buttons = fig["layout"]["updatemenus"][0]["buttons"]
+        assert [b["label"] for b in buttons] == ["image collapsed", "all tokens"]
+
+
+def test_the_overlay_puts_each_image_tokens_effect_on_its_patch_at_every_layer(traced):
+    _, ex, tr = traced
+    overlay = figures(tr.to_html(example=ex))[-1]
+    image, *maps = overlay["data"]
+    assert image["type"] == "image" and image["source"].startswith("data:image/png;base64,")
+    assert [m["name"] for m in maps] == ["lm.hidden", "lm.attn"]
+    heat = maps[0]
+    xs, ys = heat["x"], heat["y"]
+    steps = overlay["layout"]["sliders"][0]["steps"]
+    assert [s["label"] for s in steps] == [str(l) for l in range(tr.data.sizes["layer"])]
+    expected = by_hand_rr(tr, "hidden")
+    positions = [p[0] for p in tr.attrs["positions"]]
+    for layer, step in enumerate(steps):
+        z = array(step["args"][0]["z"][0])  # the first map (lm.hidden) at this layer
+        for pos in ex.groups["lm"]["image"]:
+            y0, x0, y1, x1 = ex.boxes["lm"][pos]
+            cell = z[ys.index(y0), xs.index(x0)]
+            assert np.isclose(cell, expected[layer, positions.index(pos)], atol=1e-5), (layer, pos)
+
+
+def test_the_page_is_self_contained_with_plotly_inlined_once(traced, tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    _, ex, tr = traced
+    path = tr.to_html(tmp_path / "trace.html", example=ex)
+    html = path.read_text(encoding="utf-8")
+    assert html.count(get_plotlyjs()) == 1
+    ours = html.replace(get_plotlyjs(), "")  # the page around plotly's own script (which loads nothing unasked)
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=|<img[^>]+src=\"(?!data:)|url\((?!data:)", ours)
+    assert "cdn." not in ours.lower() and "https://" not in ours and "http://" not in ours
+    assert not list(tmp_path.glob(".*"))  # written atomically: no temporary file left beside it
+
+
+def test_head_traces_become_layer_by_head_maps_with_a_token_slider():
+    _, _, tr = tiny_trace(components=("lm.head",), tokens=["image", "last"])
+    figs = figures(tr.to_html())
+    assert len(figs) == 1
+    fig = figs[0]
+    rr = (tr.data.sel(component="head").values - tr.attrs["corrupt_score"]) / tr.total_effect
+    assert np.allclose(array(fig["data"][0]["z"]), rr[:, :, 0], atol=1e-5)
+    steps = fig["layout"]["sliders"][0]["steps"]
+    assert [s["label"] for s in steps] == ["0: image", "1: last"]
+    assert np.allclose(array(steps[1]["args"][0]["z"][0]), rr[:, :, 1], atol=1e-5)
+
+
+def comparison_frames():
+    table = pd.DataFrame([{"system": s, "intervention": "none", "split": sp, "source": src, "accuracy": acc,
+                           "accuracy_lo": acc - 0.05, "accuracy_hi": acc + 0.04, "f1": acc - 0.01,
+                           "f1_lo": acc - 0.06, "f1_hi": acc + 0.03, "yes_ratio": 0.5, "n": 100}
+                          for s, base in (("A", 0.9), ("B", 0.8)) for k, sp in enumerate(("random", "adversarial"))
+                          for src, acc in (("logits", base - 0.1 * k), ("generation", base - 0.1 * k - 0.02))])
+    tests = pd.DataFrame([{"a": "A", "b": "B", "split": "random", "n": 100, "only_a": 12, "only_b": 2,
+                           "p_value": 0.0129, "source": "logits"}])
+    return table, tests
+
+
+def test_comparison_report_has_the_table_with_intervals_grouped_bars_and_paired_tests(tmp_path):
+    from vlm_interp.hallucination.compare import Comparison
+
+    table, tests = comparison_frames()
+    html = Comparison(table, tests, {}).to_html(tmp_path / "c.html").read_text()
+    assert "0.900 [0.850, 0.940]" in html and "0.0129" in html
+    figs = figures(html)
+    assert [f["layout"]["title"]["text"] for f in figs] == ["POPE accuracy (logits)", "POPE accuracy (generation)"]
+    bars = {d["name"]: d for d in figs[0]["data"]}
+    assert list(bars["B"]["x"]) == ["random", "adversarial"]
+    assert np.allclose(array(bars["B"]["y"]), [0.8, 0.7])
+    assert np.allclose(array(bars["B"]["error_y"]["array"]), [0.04, 0.04])
+    assert np.allclose(array(bars["B"]["error_y"]["arrayminus"]), [0.05, 0.05])
+
+
+def test_other_labelled_results_are_drawn_by_their_dimensions():
+    import xarray as xr
+
+    from vlm_interp.report import labelled_sections
+    from vlm_interp.tracing.results import Labelled
+
+    rng = np.random.default_rng(0)
+    knock = Labelled(xr.DataArray(rng.random((3, 2, 4)), dims=["layer", "edge", "head"], name="knockout",
+                                  coords={"layer": [0, 1, 2], "edge": ["image->last", "object->last"],
+                                          "head": [0, 1, 2, 3]}, attrs={"question": QUESTION, "clean_score": 0.9}))
+    (section,) = labelled_sections(knock, "Knockout")
+    (fig,) = [p for p in section.parts if not isinstance(p, str)]
+    assert np.allclose(array(fig.to_plotly_json()["data"][0]["z"]), knock.data.values[:, :, 0], atol=1e-5)
+    assert len(fig.layout.sliders[0].steps) == 4
+    lens = Labelled(xr.DataArray(rng.random((1, 2, 3, 5)), dims=["component", "quantity", "layer", "position"],
+                                 coords={"component": ["hidden"], "quantity": ["prob", "rank"], "layer": [0, 1, 2],
+                                         "position": [0, 1, 2, 3, 4], "token": ("position", list("abcde")),
+                                         "group": ("position", ["text", "image", "image", "image", "last"])}))
+    boxes = {"lm": {1: (0, 0, 8, 8), 2: (0, 8, 8, 16), 3: (8, 0, 16, 8)}}
+    from PIL import Image
+
+    (section,) = labelled_sections(lens, "Logit lens", Image.new("RGB", (16, 16)), boxes)
+    kinds = [type(p).__name__ for p in section.parts if not isinstance(p, str)]
+    assert kinds == ["Figure"] * 4  # per quantity: a token heatmap and an image overlay
+    with pytest.raises(ValueError, match="needs a 'layer' dimension"):
+        labelled_sections(Labelled(xr.DataArray(np.zeros(3), dims=["x"])), "odd")
+
+
+def test_trace_command_writes_a_manifest_listing_existing_files_and_a_report(tmp_path, capsys):
+    from vlm_interp.cli import main
+    from vlm_interp.runs import RunFolderError, read_manifest, write_manifest
+
+    out = tmp_path / "run"
+    assert main(["trace", "--model", "tiny:llava", "--image", "shapes:3", "--question", QUESTION,
+                 "--components", "hidden", "--out", str(out)]) == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["command"] == "trace" and manifest["model"]["name"] == "tiny:llava"
+    assert manifest["corruption"] == "noise" and manifest["settings"]["components"] == ["lm.hidden"]
+    assert {"torch", "transformers", "plotly", "vlm-interp"} <= set(manifest["versions"])
+    assert {"trace.json", "trace.png", "summary.json", "example.json", "image.png"} <= set(manifest["files"])
+    assert all((out / name).is_file() for name in manifest["files"])
+    assert manifest["results"] == [{"file": "trace.json", "kind": "trace", "title": "Causal trace (noise)"}]
+    assert len(figures((out / "report.html").read_text())) == 2  # lm.hidden and the overlay
+    # the report command rebuilds it from the folder alone
+    assert main(["report", str(out), "--out", str(tmp_path / "again.html")]) == 0
+    assert figures((tmp_path / "again.html").read_text())[0]["data"] == \
+        figures((out / "report.html").read_text())[0]["data"]
+    (out / "trace.png").unlink()
+    with pytest.raises(RunFolderError, match="trace.png"):
+        read_manifest(out)
+    with pytest.raises(RunFolderError, match="missing.json"):
+        write_manifest(out, "trace", results=[{"file": "missing.json", "kind": "trace"}])
+    with pytest.raises(RunFolderError, match="no run.json"):
+        read_manifest(tmp_path)
+
+
+def test_demo_report_shows_shapes_llava_reading_the_object_at_the_lm_input(tmp_path):
+    """Done-when: on the demo's real trace, the overlay's strongest patch at lm.input layer 0 (where the
+    organism's LM reads the scene code) lies on the asked object; a full report stays under 8 MB."""
+    from vlm_interp.cli import main
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
+    from vlm_interp.zoo.shapes import World
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    report = tmp_path / "report.html"
+    assert report.stat().st_size < 8e6
+    figs = figures(report.read_text())
+    overlay = next(f for f in figs if f["data"][0]["type"] == "image")
+    names = [d["name"] for d in overlay["data"][1:]]
+    z = array(overlay["layout"]["sliders"][0]["steps"][0]["args"][0]["z"][names.index("lm.input")])
+    row, col = np.unravel_index(np.nanargmax(z), z.shape)
+    xs, ys = overlay["data"][1]["x"], overlay["data"][1]["y"]
+    mask = World(ORGANISM_WORLD).scene(1).objects[0].mask  # the demo asks about the first object of seed 1
+    assert mask[int(ys[row]):int(ys[row + 1]), int(xs[col]):int(xs[col + 1])].any()
+    # and it stands out: at least twice the mean of the patches off the object
+    off = [z[r, c] for r in range(z.shape[0]) for c in range(z.shape[1])
+           if not mask[int(ys[r]):int(ys[r + 1]), int(xs[c]):int(xs[c + 1])].any()]
+    assert z[row, col] > 2 * np.nanmean(np.abs(off))
+    assert any("head" in f["layout"]["title"]["text"] for f in figs)  # the head maps
