@@ -84,7 +84,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.report or demo_report(Path(tmp) / "demo")
         result = measure(path, args.repeats)
-    print(f"report {result['size_mb']:.2f} MB, {result['figures']} figures; Chromium load {result['load_median_s']:.2f} s "
+    print(f"report {result['size_mb']:.2f} MB, {result['figures']} figures; "
+          f"Chromium load {result['load_median_s']:.2f} s "
           f"(best {result['load_best_s']:.2f}), load + render {result['render_median_s']:.2f} s "
           f"(best {result['render_best_s']:.2f}), median of {args.repeats}")
 

@@ -96,7 +96,8 @@ def write_manifest(folder: "str | Path", command: str, results: Sequence[dict], 
     missing = [n for n in names if not (folder / n).exists()]
     if missing:
         raise RunFolderError(f"the manifest of {folder} would list files that are not there: {missing}")
-    manifest = {"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest = {"command": command, "created": now,
                 "model": None if vlm is None else {"name": vlm.name, "family": vlm.family, **checkpoint(vlm)},
                 "inputs": inputs or {}, "corruption": corruption, "settings": settings or {}, "versions": versions(),
                 "results": entries, "files": sorted(dict.fromkeys(names))}
