@@ -201,3 +201,11 @@ def test_demo_report_shows_shapes_llava_reading_the_object_at_the_lm_input(tmp_p
            if not mask[int(ys[r]):int(ys[r + 1]), int(xs[c]):int(xs[c + 1])].any()]
     assert z[row, col] > 2 * np.nanmean(np.abs(off))
     assert any("head" in f["layout"]["title"]["text"] for f in figs)  # the head maps
+
+
+def test_ci_installs_the_browser_before_the_test_command():
+    from test_cli import ROOT, readme_commands
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "export CI=true" in ci  # so that the browser tests fail rather than skip without Chromium
+    assert ci.index("apt-get install -y -qq chromium chromium-driver") < ci.index(readme_commands()[1])
