@@ -209,3 +209,18 @@ def test_ci_installs_the_browser_before_the_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "export CI=true" in ci  # so that the browser tests fail rather than skip without Chromium
     assert ci.index("apt-get install -y -qq chromium chromium-driver") < ci.index(readme_commands()[1])
+
+
+def test_trace_dataset_reports_its_mean_recovery_rate_without_renormalising(tmp_path):
+    from vlm_interp.cli import main
+    from vlm_interp.tracing import Trace
+
+    out = tmp_path / "ds"
+    assert main(["trace-dataset", "--model", "zoo:shapes-llava", "--n", "2", "--components", "hidden",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["command"] == "trace-dataset" and manifest["results"][0]["file"] == "mean_trace.json"
+    assert all((out / name).is_file() for name in manifest["files"])
+    mean = Trace.load(out / "mean_trace.json")
+    (heat,) = figures((out / "report.html").read_text())
+    assert np.allclose(array(heat["data"][-1]["z"]), mean.data.sel(component="hidden").values, atol=1e-5)

@@ -41,6 +41,7 @@ def _pairs(args: argparse.Namespace, vlm) -> list:
 def _trace_dataset(args: argparse.Namespace) -> int:
     from vlm_interp.files import atomic_write, check_settings
     from vlm_interp.parallel import process_rank, wait
+    from vlm_interp.runs import report_run, write_manifest
     from vlm_interp.tracing.dataset import trace_dataset
     from vlm_interp.tracing.engine import FAST_PATHS
 
@@ -62,10 +63,16 @@ def _trace_dataset(args: argparse.Namespace) -> int:
         return 0
     mean = result.mean_trace()
     files = [mean.save(out / "mean_trace.json"), result.plot(out / "mean_trace.png"),
-             atomic_write(out / "skipped.json", json.dumps(result.skipped, indent=1))]
+             atomic_write(out / "skipped.json", json.dumps(result.skipped, indent=1)), out / "traces" / "settings.json"]
+    write_manifest(out, "trace-dataset", vlm=vlm, inputs={"pairs": args.pairs, "level": args.level, "n": args.n,
+                                                          "seed": args.seed},
+                   corruption=args.corrupt, settings=settings,
+                   results=[{"file": "mean_trace.json", "kind": "trace",
+                             "title": f"Mean recovery rate over {len(result.traces)} examples"}], files=files)
     print(f"{len(result.traces)} examples traced, {len(result.skipped)} skipped (the model answered otherwise)")
     print(mean.data.max("position").to_pandas().round(3).to_string())
     print("wrote " + ", ".join(str(f) for f in files))
+    print(f"report: {report_run(out)}")
     return 0
 
 

@@ -76,9 +76,11 @@ def trace_sections(trace, image=None, boxes: dict | None = None, title: str = "C
     """A trace's summary, one token heatmap per component (or head maps), and the effects over the image."""
     data, attrs = trace.data, trace.attrs
     tower = attrs.get("tower", "lm")
-    normalised = hasattr(trace, "rr") and attrs.get("clean_score") != attrs.get("corrupt_score")
+    normalised = hasattr(trace, "rr") and attrs.get("clean_score") != attrs.get("corrupt_score") \
+        and attrs.get("values") != "recovery rate"  # a dataset's mean trace holds recovery rates already
     values = trace.rr() if normalised else data
-    value_name = "recovery rate" if normalised else attrs.get("metric", "value")
+    value_name = "recovery rate" if normalised or attrs.get("values") == "recovery rate" else \
+        attrs.get("metric", "value")
     tower_boxes = (boxes or {}).get(tower) if image is not None else None
     window = int(attrs.get("window", 1))
     head = Section(title).add(summary(attrs))

@@ -40,7 +40,7 @@ class DatasetTrace:
         summary = self.summary()
         first = self.traces[0].attrs
         answers = ", ".join(sorted({str(t.attrs["answer"]) for t in self.traces}))
-        attrs = {**first, "metric": f"mean RR ({first['metric']})", "answer": answers,
+        attrs = {**first, "metric": f"mean RR ({first['metric']})", "answer": answers, "values": "recovery rate",
                  "question": f"mean over {summary.attrs['n']} examples ({len(self.skipped)} skipped)",
                  "clean_score": float(np.mean([t.attrs["clean_score"] for t in self.traces])),
                  "corrupt_score": float(np.mean([t.attrs["corrupt_score"] for t in self.traces]))}
