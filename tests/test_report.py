@@ -224,3 +224,29 @@ def test_trace_dataset_reports_its_mean_recovery_rate_without_renormalising(tmp_
     mean = Trace.load(out / "mean_trace.json")
     (heat,) = figures((out / "report.html").read_text())
     assert np.allclose(array(heat["data"][-1]["z"]), mean.data.sel(component="hidden").values, atol=1e-5)
+
+
+def test_compare_command_writes_a_manifest_and_a_report_of_its_table(tmp_path):
+    from vlm_interp.cli import main
+    from vlm_interp.zoo.organisms import ORGANISM_WORLD
+    from vlm_interp.zoo.pope_set import write_pope
+    from vlm_interp.zoo.shapes import World
+
+    questions, out = tmp_path / "pope", tmp_path / "compare"
+    write_pope(World(ORGANISM_WORLD), questions, n_images=2, seed=3, per_image=1)
+    assert main(["compare", "--models", "tiny:llava", "--questions", str(questions), "--splits", "random",
+                 "--max-new-tokens", "2", "--out", str(out), "--intervention", "damp=scale:lm.head.0.0=0"]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["command"] == "compare" and manifest["inputs"]["models"] == ["tiny:llava"]
+    assert {"table.csv", "tests.csv", "table.md", "compare.png"} <= set(manifest["files"])
+    table = pd.read_csv(out / "table.csv")
+    html = (out / "report.html").read_text()
+    figs = figures(html)
+    assert len(figs) == table["source"].nunique()
+    for fig in figs:
+        source = fig["layout"]["title"]["text"].split("(")[1].rstrip(")")
+        for bar in fig["data"]:
+            rows = table[(table.source == source) & (table.system == bar["name"])]
+            assert np.allclose(array(bar["y"]), rows["accuracy"].values)
+    tests = pd.read_csv(out / "tests.csv")
+    assert len(tests) == 2 and f"{tests.p_value.iloc[0]:.4f}" in html  # plain vs damped, logits and generation
