@@ -83,6 +83,13 @@ def test_the_page_is_self_contained_with_plotly_inlined_once(traced, tmp_path):
     assert not list(tmp_path.glob(".*"))  # written atomically: no temporary file left beside it
 
 
+def test_a_trace_of_token_groups_says_why_it_has_no_overlay(traced):
+    _, ex, _ = traced
+    _, _, tr = tiny_trace(components=("lm.hidden",), tokens=["image", "last"])
+    html = tr.to_html(example=ex)
+    assert len(figures(html)) == 1 and "No image overlay" in html
+
+
 def test_head_traces_become_layer_by_head_maps_with_a_token_slider():
     _, _, tr = tiny_trace(components=("lm.head",), tokens=["image", "last"])
     figs = figures(tr.to_html())
@@ -138,13 +145,17 @@ def test_other_labelled_results_are_drawn_by_their_dimensions():
     lens = Labelled(xr.DataArray(rng.random((1, 2, 3, 5)), dims=["component", "quantity", "layer", "position"],
                                  coords={"component": ["hidden"], "quantity": ["prob", "rank"], "layer": [0, 1, 2],
                                          "position": [0, 1, 2, 3, 4], "token": ("position", list("abcde")),
-                                         "group": ("position", ["text", "image", "image", "image", "last"])}))
+                                         "group": ("position", ["text", "image", "image", "image", "last"])},
+                                 attrs={"top_tokens": {"hidden": [[[f"t{l}{p}", "x"] for p in range(5)]
+                                                                  for l in range(3)]}}))
     boxes = {"lm": {1: (0, 0, 8, 8), 2: (0, 8, 8, 16), 3: (8, 0, 16, 8)}}
     from PIL import Image
 
     (section,) = labelled_sections(lens, "Logit lens", Image.new("RGB", (16, 16)), boxes)
     kinds = [type(p).__name__ for p in section.parts if not isinstance(p, str)]
     assert kinds == ["Figure"] * 4  # per quantity: a token heatmap and an image overlay
+    expanded = [p for p in section.parts if not isinstance(p, str)][0].to_plotly_json()["data"][1]  # prob, all tokens
+    assert expanded["customdata"][2][4][-1] == "t24 | x"  # the lens's top tokens at layer 2, position 4
     with pytest.raises(ValueError, match="needs a 'layer' dimension"):
         labelled_sections(Labelled(xr.DataArray(np.zeros(3), dims=["x"])), "odd")
 

@@ -52,11 +52,13 @@ def collapse_columns(values: np.ndarray, groups: Sequence[str], collapse: Sequen
 
 def token_heatmap(values: np.ndarray, tokens: Sequence[str], groups: Sequence[str], sites: Sequence[str],
                   title: str, value_name: str = "value", raw: np.ndarray | None = None, raw_name: str = "",
-                  layers: Sequence[int] | None = None, collapse: Sequence[str] = ("image",)):
+                  layers: Sequence[int] | None = None, collapse: Sequence[str] = ("image",),
+                  notes: Sequence[Sequence[str]] | None = None, notes_name: str = ""):
     """Layers (rows) x tokens (columns); image tokens collapsed into one column, a button expands them.
 
     ``sites[i]`` names the site of row ``i``; hovering a cell shows its token, layer, site and value
-    (and ``raw``, the metric before normalising, when given).
+    (and ``raw``, the metric before normalising, when given; and ``notes[i][k]``, text per cell such as
+    the logit lens's top tokens, on single-token columns).
     """
     go = _go()
     values = np.asarray(values, dtype=float)
@@ -74,11 +76,13 @@ def token_heatmap(values: np.ndarray, tokens: Sequence[str], groups: Sequence[st
         if raw is not None:
             raw_cols = np.stack([np.nanmean(raw[:, c], axis=1) if np.isfinite(raw[:, c]).any() else
                                  np.full(raw.shape[0], np.nan) for c in columns], axis=1)
-        custom = [[[col_labels[j], sites[i]] + ([float(raw_cols[i, j])] if raw_cols is not None else [])
+        custom = [[[col_labels[j], sites[i]] + ([float(raw_cols[i, j])] if raw_cols is not None else []) +
+                   ([notes[i][columns[j][0]] if len(columns[j]) == 1 else "(per token)"] if notes is not None else [])
                    for j in range(len(columns))] for i in range(len(layers))]
         hover = ("token %{customdata[0]}<br>layer %{y}<br>site %{customdata[1]}<br>" + value_name +
                  " %{z:.3f}" + (f"<br>{raw_name} %{{customdata[2]:.4f}}" if raw_cols is not None else "") +
-                 "<extra></extra>")
+                 (f"<br>{notes_name} %{{customdata[{3 if raw_cols is not None else 2}]}}" if notes is not None
+                  else "") + "<extra></extra>")
         fig.add_trace(go.Heatmap(z=_round(grid), x=list(range(len(columns))), y=layers, customdata=custom,
                                  hovertemplate=hover, colorscale=COLORSCALE, colorbar={"title": value_name},
                                  name=name, visible=v == 0, meta={"columns": col_labels}))

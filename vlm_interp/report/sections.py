@@ -107,6 +107,9 @@ def trace_sections(trace, image=None, boxes: dict | None = None, title: str = "C
         heat.add(charts.token_heatmap(grid, tokens, groups, sites, f"{tower}.{comp}: {value_name}", value_name,
                                       raw=raw, raw_name=attrs.get("metric", "value"), layers=layers))
     sections.append(heat)
+    if image is not None and tower_boxes and not _image_columns(seq, tower_boxes):
+        heat.add("<p class='note'>No image overlay: no entry of this trace's token axis is a single image token "
+                 "(trace with tokens='each' to see effects per patch).</p>")
     if tower_boxes and _image_columns(seq, tower_boxes):
         over = Section("Effects over the image")
         over.add("<p class='note'>Each patch shows the effect of restoring its image token alone; the slider moves "
@@ -139,8 +142,12 @@ def labelled_sections(result, title: str, image=None, boxes: dict | None = None)
             layers = [int(l) for l in data.coords["layer"].values]
             sites = [f"{tower}.{where.get('component', attrs.get('component', ''))}.{l}".replace("..", ".")
                      for l in layers]
+            tops = attrs.get("top_tokens", {}).get(str(where.get("component", ""))) \
+                if isinstance(attrs.get("top_tokens"), dict) else None  # the logit lens's top tokens per cell
+            notes = [[" | ".join(map(str, cell[:3])) for cell in row] for row in tops] if tops else None
             section.add(charts.token_heatmap(grid, tokens, groups, sites, f"{title}: {label or name}"
-                                             + (" (mean of heads)" if per_head else ""), name, layers=layers))
+                                             + (" (mean of heads)" if per_head else ""), name, layers=layers,
+                                             notes=notes, notes_name="top tokens"))
             tower_boxes = (boxes or {}).get(tower) if image is not None else None
             if tower_boxes and _image_columns(seq, tower_boxes):
                 maps = {"mean of heads": grid} if per_head else {label or name: grid}
