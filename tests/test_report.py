@@ -40,12 +40,13 @@ def test_every_component_has_a_heatmap_holding_the_traces_numbers(traced):
         z = array(collapsed["z"])
         assert z.shape[1] == expected.shape[1] - len(image_cols) + 1
         assert np.allclose(z[:, image_cols[0]], expected[:, image_cols].mean(axis=1), atol=1e-5)
-        # hover data: the token text and site of every cell; the raw metric beside the recovery rate
-        custom = expanded["customdata"]
-        assert [c[0] for c in custom[0]][:3] == [ex.tokens[p] for p in range(3)]
-        assert custom[1][5][1] == f"lm.{comp}.1"
-        assert np.isclose(custom[1][5][2], float(tr.data.sel(component=comp, layer=1).values[5]), atol=1e-4)
-        assert "token %{customdata[0]}" in expanded["hovertemplate"] and "%{z:.3f}" in expanded["hovertemplate"]
+        # hover data: each column's token (position and text), the site, and the raw metric beside the recovery rate
+        assert expanded["x"][:3] == [f"{p}: {ex.tokens[p]}" for p in range(3)]
+        assert expanded["x"][image_cols[0]] == f"{image_cols[0]}: {ex.tokens[image_cols[0]]} (image)"
+        assert collapsed["x"][image_cols[0]] == f"<image> x{len(image_cols)}"
+        assert np.allclose(array(expanded["customdata"]), tr.data.sel(component=comp).values, atol=1e-5)
+        for part in ("token %{x}", "layer %{y}", f"site lm.{comp}.%{{y}}", "recovery rate %{z:.3f}"):
+            assert part in expanded["hovertemplate"]
         buttons = fig["layout"]["updatemenus"][0]["buttons"]
         assert [b["label"] for b in buttons] == ["image collapsed", "all tokens"]
 
@@ -155,7 +156,7 @@ def test_other_labelled_results_are_drawn_by_their_dimensions():
     kinds = [type(p).__name__ for p in section.parts if not isinstance(p, str)]
     assert kinds == ["Figure"] * 4  # per quantity: a token heatmap and an image overlay
     expanded = [p for p in section.parts if not isinstance(p, str)][0].to_plotly_json()["data"][1]  # prob, all tokens
-    assert expanded["customdata"][2][4][-1] == "t24 | x"  # the lens's top tokens at layer 2, position 4
+    assert expanded["text"][2][4] == "t24 | x"  # the lens's top tokens at layer 2, position 4
     with pytest.raises(ValueError, match="needs a 'layer' dimension"):
         labelled_sections(Labelled(xr.DataArray(np.zeros(3), dims=["x"])), "odd")
 

@@ -111,7 +111,7 @@ def test_hovering_a_heatmap_cell_shows_its_token_layer_site_and_value(driver, pa
     ex, tr = pages["example"], pages["trace_result"]
     layer = 1
     rr = (tr.data.sel(component="hidden", layer=layer).values - tr.attrs["corrupt_score"]) / tr.total_effect
-    columns = driver.execute_script("return document.getElementById('figure-1').data[0].customdata[0].length")
+    columns = driver.execute_script("return document.getElementById('figure-1').data[0].x.length")
     column = columns - 1  # the last token
     x, y, width, height = driver.execute_script(f"""const gd = document.getElementById('figure-1');
         const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
@@ -123,7 +123,7 @@ def test_hovering_a_heatmap_cell_shows_its_token_layer_site_and_value(driver, pa
     while time.time() < deadline and not text:
         text = driver.execute_script("const h = document.querySelector('#figure-1 .hoverlayer .hovertext');"
                                      "return h ? h.textContent : '';")
-    assert f"token {ex.tokens[-1]}" in text
+    assert f"token {len(ex.tokens) - 1}: {ex.tokens[-1]}" in text
     assert f"layer {layer}" in text and f"site lm.hidden.{layer}" in text
     assert f"recovery rate {rr[-1]:.3f}" in text
 
@@ -171,3 +171,20 @@ def test_the_request_count_sees_a_page_that_loads_something(driver, tmp_path):
     driver.get_log("performance")
     driver.get(page.as_uri())
     assert "https://example.invalid/x.png" in requests(driver)
+
+
+def test_the_all_tokens_button_expands_the_image_column(driver, pages):
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, pages["trace"])
+    tr = pages["trace_result"]
+    n_image = sum(g == "image" for g in tr.data.coords["group"].values)
+    shown = "return document.getElementById('figure-1')._fullLayout.xaxis._categories.length"
+    assert driver.execute_script(shown) == tr.data.sizes["position"] - n_image + 1
+    button = next(b for b in driver.find_elements(By.CSS_SELECTOR, "#figure-1 .updatemenu-button")
+                  if b.text == "all tokens")
+    button.click()
+    deadline = time.time() + 5
+    while time.time() < deadline and driver.execute_script(shown) != tr.data.sizes["position"]:
+        time.sleep(0.05)
+    assert driver.execute_script(shown) == tr.data.sizes["position"]

@@ -24,8 +24,8 @@ def _go():
 
 
 def _round(values: np.ndarray, digits: int = 5) -> np.ndarray:
-    """Values rounded for the page (the file stays small); NaN stays NaN (plotly writes null)."""
-    return np.round(np.asarray(values, dtype=float), digits)
+    """Values for the page: rounded, as float32 (plotly writes them as a typed array; NaN stays NaN)."""
+    return np.round(np.asarray(values, dtype=float), digits).astype(np.float32)
 
 
 def collapse_columns(values: np.ndarray, groups: Sequence[str], collapse: Sequence[str] = ("image",)) -> tuple:
@@ -50,55 +50,48 @@ def collapse_columns(values: np.ndarray, groups: Sequence[str], collapse: Sequen
     return np.stack(cols, axis=1), kept
 
 
-def token_heatmap(values: np.ndarray, tokens: Sequence[str], groups: Sequence[str], sites: Sequence[str],
-                  title: str, value_name: str = "value", raw: np.ndarray | None = None, raw_name: str = "",
+def token_heatmap(values: np.ndarray, tokens: Sequence[str], groups: Sequence[str], site: str, title: str,
+                  value_name: str = "value", raw: np.ndarray | None = None, raw_name: str = "",
                   layers: Sequence[int] | None = None, collapse: Sequence[str] = ("image",),
-                  notes: Sequence[Sequence[str]] | None = None, notes_name: str = ""):
+                  notes: Sequence[Sequence[str]] | None = None, notes_name: str = "", site_suffix: str = ""):
     """Layers (rows) x tokens (columns); image tokens collapsed into one column, a button expands them.
 
-    ``sites[i]`` names the site of row ``i``; hovering a cell shows its token, layer, site and value
-    (and ``raw``, the metric before normalising, when given; and ``notes[i][k]``, text per cell such as
-    the logit lens's top tokens, on single-token columns).
+    Hovering a cell shows its token (``position: text``, the column's name), layer, site (``site`` followed by
+    the layer and ``site_suffix``) and value; also ``raw`` (the metric before normalising) and ``notes[i][k]``
+    (text per cell, such as the logit lens's top tokens) when given. Only those travel per cell, so a real
+    model's trace stays small (numbers as typed arrays).
     """
     go = _go()
     values = np.asarray(values, dtype=float)
     layers = list(range(values.shape[0])) if layers is None else list(layers)
-    labels = [f"{t} ({g})" if g in ("image", "object") else str(t) for t, g in zip(tokens, groups)]
+    labels = [f"{k}: {t} ({g})" if g in ("image", "object") else f"{k}: {t}"
+              for k, (t, g) in enumerate(zip(tokens, groups))]
     fig = go.Figure()
     collapsed, kept = collapse_columns(values, groups, collapse)
-    n_collapsed = len(kept)
     variants = [("all tokens", values, [[k] for k in range(values.shape[1])])]
-    if n_collapsed < values.shape[1]:
+    if len(kept) < values.shape[1]:
         variants.insert(0, ("image collapsed", collapsed, kept))
     for v, (name, grid, columns) in enumerate(variants):
-        col_labels = [labels[c[0]] if len(c) == 1 else f"<{groups[c[0]]}> x{len(c)}" for c in columns]
-        raw_cols = None
+        names = [labels[c[0]] if len(c) == 1 else f"<{groups[c[0]]}> x{len(c)}" for c in columns]
+        hover = f"token %{{x}}<br>layer %{{y}}<br>site {site}%{{y}}{site_suffix}<br>{value_name} %{{z:.3f}}"
+        extra = {}
         if raw is not None:
-            raw_cols = np.stack([np.nanmean(raw[:, c], axis=1) if np.isfinite(raw[:, c]).any() else
-                                 np.full(raw.shape[0], np.nan) for c in columns], axis=1)
-        custom = [[[col_labels[j], sites[i]] + ([float(raw_cols[i, j])] if raw_cols is not None else []) +
-                   ([notes[i][columns[j][0]] if len(columns[j]) == 1 else "(per token)"] if notes is not None else [])
-                   for j in range(len(columns))] for i in range(len(layers))]
-        hover = ("token %{customdata[0]}<br>layer %{y}<br>site %{customdata[1]}<br>" + value_name +
-                 " %{z:.3f}" + (f"<br>{raw_name} %{{customdata[2]:.4f}}" if raw_cols is not None else "") +
-                 (f"<br>{notes_name} %{{customdata[{3 if raw_cols is not None else 2}]}}" if notes is not None
-                  else "") + "<extra></extra>")
-        fig.add_trace(go.Heatmap(z=_round(grid), x=list(range(len(columns))), y=layers, customdata=custom,
-                                 hovertemplate=hover, colorscale=COLORSCALE, colorbar={"title": value_name},
-                                 name=name, visible=v == 0, meta={"columns": col_labels}))
-    first = variants[0][2]
-    first_labels = [labels[c[0]] if len(c) == 1 else f"<{groups[c[0]]}> x{len(c)}" for c in first]
-    fig.update_layout(title=title, xaxis={"tickmode": "array", "tickvals": list(range(len(first))),
-                                          "ticktext": first_labels, "tickangle": -90, "automargin": True},
+            with np.errstate(all="ignore"):
+                extra["customdata"] = _round(np.stack([np.nanmean(raw[:, c], axis=1) for c in columns], axis=1))
+            hover += f"<br>{raw_name} %{{customdata:.4f}}"
+        if notes is not None:
+            extra["text"] = [[notes[i][c[0]] if len(c) == 1 else "(per token)" for c in columns]
+                             for i in range(len(layers))]
+            hover += f"<br>{notes_name} %{{text}}"
+        fig.add_trace(go.Heatmap(z=_round(grid), x=names, y=layers, hovertemplate=hover + "<extra></extra>",
+                                 colorscale=COLORSCALE, colorbar={"title": value_name}, name=name, visible=v == 0,
+                                 **extra))
+    fig.update_layout(title=title, xaxis={"type": "category", "tickangle": -90, "automargin": True},
                       yaxis={"title": "layer", "dtick": 1}, height=260 + 22 * len(layers),
                       margin={"l": 60, "r": 20, "t": 60, "b": 40})
     if len(variants) > 1:
-        buttons = []
-        for v, (name, _, columns) in enumerate(variants):
-            ticks = [labels[c[0]] if len(c) == 1 else f"<{groups[c[0]]}> x{len(c)}" for c in columns]
-            buttons.append({"label": name, "method": "update",
-                            "args": [{"visible": [w == v for w in range(len(variants))]},
-                                     {"xaxis.tickvals": list(range(len(columns))), "xaxis.ticktext": ticks}]})
+        buttons = [{"label": name, "method": "restyle", "args": [{"visible": [w == v for w in range(len(variants))]}]}
+                   for v, (name, _, _) in enumerate(variants)]
         fig.update_layout(updatemenus=[{"type": "buttons", "direction": "right", "buttons": buttons,
                                         "x": 1, "xanchor": "right", "y": 1.12, "yanchor": "bottom"}])
     return fig

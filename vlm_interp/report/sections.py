@@ -103,9 +103,9 @@ def trace_sections(trace, image=None, boxes: dict | None = None, title: str = "C
         grid = values.sel(component=comp).transpose("layer", "position").values
         raw = data.sel(component=comp).transpose("layer", "position").values if normalised else None
         layers = [int(l) for l in values.coords["layer"].values]
-        sites = [f"{tower}.{comp}.{l}" + (f" (window {window})" if window > 1 else "") for l in layers]
-        heat.add(charts.token_heatmap(grid, tokens, groups, sites, f"{tower}.{comp}: {value_name}", value_name,
-                                      raw=raw, raw_name=attrs.get("metric", "value"), layers=layers))
+        heat.add(charts.token_heatmap(grid, tokens, groups, f"{tower}.{comp}.", f"{tower}.{comp}: {value_name}",
+                                      value_name, raw=raw, raw_name=attrs.get("metric", "value"), layers=layers,
+                                      site_suffix=f" (window {window})" if window > 1 else ""))
     sections.append(heat)
     if image is not None and tower_boxes and not _image_columns(seq, tower_boxes):
         heat.add("<p class='note'>No image overlay: no entry of this trace's token axis is a single image token "
@@ -140,12 +140,11 @@ def labelled_sections(result, title: str, image=None, boxes: dict | None = None)
             label = ", ".join(f"{d} {v}" for d, v in where.items())
             grid = (part.mean("head") if per_head else part).transpose("layer", "position").values
             layers = [int(l) for l in data.coords["layer"].values]
-            sites = [f"{tower}.{where.get('component', attrs.get('component', ''))}.{l}".replace("..", ".")
-                     for l in layers]
+            site = f"{tower}.{where.get('component', attrs.get('component', ''))}.".replace("..", ".")
             tops = attrs.get("top_tokens", {}).get(str(where.get("component", ""))) \
                 if isinstance(attrs.get("top_tokens"), dict) else None  # the logit lens's top tokens per cell
             notes = [[" | ".join(map(str, cell[:3])) for cell in row] for row in tops] if tops else None
-            section.add(charts.token_heatmap(grid, tokens, groups, sites, f"{title}: {label or name}"
+            section.add(charts.token_heatmap(grid, tokens, groups, site, f"{title}: {label or name}"
                                              + (" (mean of heads)" if per_head else ""), name, layers=layers,
                                              notes=notes, notes_name="top tokens"))
             tower_boxes = (boxes or {}).get(tower) if image is not None else None
