@@ -163,7 +163,7 @@ def test_other_labelled_results_are_drawn_by_their_dimensions():
 
 def test_trace_command_writes_a_manifest_listing_existing_files_and_a_report(tmp_path, capsys):
     from vlm_interp.cli import main
-    from vlm_interp.runs import RunFolderError, read_manifest, write_manifest
+    from vlm_interp.runs import RunFolderError, read_manifest, report_run, write_manifest
 
     out = tmp_path / "run"
     assert main(["trace", "--model", "tiny:llava", "--image", "shapes:3", "--question", QUESTION,
@@ -188,6 +188,11 @@ def test_trace_command_writes_a_manifest_listing_existing_files_and_a_report(tmp
         write_manifest(out, "trace", results=[{"file": "missing.json", "kind": "trace"}])
     with pytest.raises(RunFolderError, match="no run.json"):
         read_manifest(tmp_path)
+    (out / "trace.png").write_bytes(b"")
+    (out / "notes.json").write_text('{"text": "not a result"}')
+    write_manifest(out, "trace", results=[{"file": "notes.json", "kind": "notes"}])
+    with pytest.raises(RunFolderError, match="kind 'notes'.*not a labelled result"):
+        report_run(out)
 
 
 def test_demo_report_shows_shapes_llava_reading_the_object_at_the_lm_input(tmp_path):

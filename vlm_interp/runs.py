@@ -177,7 +177,12 @@ def report_run(folder: "str | Path", path: "str | Path | None" = None) -> Path:
                 test_rows = []
             sections = comparison_sections(pd.read_csv(file).to_dict("records"), test_rows, title)
         else:  # any other labelled result, drawn by its dimensions
-            sections = labelled_sections(Labelled.load(file), title, image, boxes)
+            try:
+                result = Labelled.load(file)
+            except (ValueError, KeyError, OSError) as err:
+                raise RunFolderError(f"{file} (kind {kind!r} in {folder / MANIFEST}) is not a labelled result the "
+                                     f"report can read (saved by a result's .save(), JSON or NetCDF): {err!r}") from None
+            sections = labelled_sections(result, title, image, boxes)
         for section in sections:
             page.add(section)
     return page.write(folder / "report.html" if path is None else path)
