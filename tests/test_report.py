@@ -267,3 +267,24 @@ def test_compare_command_writes_a_manifest_and_a_report_of_its_table(tmp_path):
             assert np.allclose(array(bar["y"]), rows["accuracy"].values)
     tests = pd.read_csv(out / "tests.csv")
     assert len(tests) == 2 and f"{tests.p_value.iloc[0]:.4f}" in html  # plain vs damped, logits and generation
+
+
+def test_compare_over_several_benchmarks_reports_its_long_table(tmp_path):
+    from vlm_interp.cli import main
+
+    out = tmp_path / "suite"
+    assert main(["compare", "--models", "tiny:llava", "--benchmark", "pope", "chair", "--images", "2", "--splits",
+                 "random", "--max-new-tokens", "2", "--caption-tokens", "4", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["benchmark"] == ["pope", "chair"]
+    table = pd.read_csv(out / "table.csv")
+    html = (out / "report.html").read_text()
+    figs = figures(html)
+    assert {f["layout"]["title"]["text"] for f in figs} >= {"pope: accuracy (logits)", "chair: chair_i (generation)"}
+    for fig in figs:
+        part, rest = fig["layout"]["title"]["text"].split(": ")
+        metric, source = rest.rstrip(")").split(" (")
+        (bar,) = fig["data"]
+        rows = table[(table.benchmark == part) & (table.metric == metric) & (table.source == source)]
+        assert np.allclose(array(bar["y"]), rows["value"].values)
+    first = table.iloc[0]
+    assert f"{first.value:.3f} [{first.lo:.3f}, {first.hi:.3f}]" in html

@@ -70,7 +70,6 @@ def _chair(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from vlm_interp.hallucination.compare import compare, markdown_table
-    from vlm_interp.runs import report_run, write_manifest
 
     if args.benchmark != ["pope"]:
         return _compare_benchmarks(args)
@@ -82,16 +81,26 @@ def _compare(args: argparse.Namespace) -> int:
                                        "f1", "yes_ratio", "n"]]))
     if len(result.tests):
         print(markdown_table(result.tests, floatfmt=".4f"))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    _record_compare(args, result, "POPE comparison")
+    return 0
+
+
+def _record_compare(args: argparse.Namespace, result, title: str) -> None:
+    """run.json and report.html of a comparison (by the main process only, under accelerate)."""
+    from vlm_interp.hallucination.pope import process_rank
+    from vlm_interp.runs import report_run, write_manifest
+
+    if process_rank()[0] != 0:
+        return
     out = Path(args.out)
     write_manifest(out, "compare", inputs={"models": args.models, "questions": args.questions or "zoo (built-in)",
                                            "images": args.images, "splits": args.splits},
                    settings={"benchmark": args.benchmark, "suffix": args.suffix, "max_new_tokens": args.max_new_tokens,
                              "interventions": args.intervention or []},
-                   results=[{"file": "table.csv", "kind": "comparison", "title": "POPE comparison",
+                   results=[{"file": "table.csv", "kind": "comparison", "title": title,
                              "files": {"tests": "tests.csv"}}], files=list(result.files.values()))
-    print("wrote " + ", ".join(str(p) for p in result.files.values()))
     print(f"report: {report_run(out)}")
-    return 0
 
 
 def _compare_benchmarks(args: argparse.Namespace) -> int:
@@ -112,6 +121,7 @@ def _compare_benchmarks(args: argparse.Namespace) -> int:
     if len(result.tests):
         print(markdown_table(result.tests[result.tests["split"] == "all"], floatfmt=".4f"))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    _record_compare(args, result, "Comparison on " + ", ".join(args.benchmark))
     return 0
 
 

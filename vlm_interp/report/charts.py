@@ -194,17 +194,29 @@ def layer_grid(values: np.ndarray, columns: Sequence[str], title: str, value_nam
     return fig
 
 
-def grouped_bars(rows: Sequence[dict], group: str, series: str, metric: str, title: str):
+def _gap(a, b) -> float:
+    """``a - b`` for an error bar, 0 where either is missing (no interval)."""
+    try:
+        value = float(a) - float(b)
+    except (TypeError, ValueError):
+        return 0.0
+    return abs(value) if np.isfinite(value) else 0.0
+
+
+def grouped_bars(rows: Sequence[dict], group: str, series: str, metric: str, title: str, lo: str | None = None,
+                 hi: str | None = None, unit_range: bool = True):
     """Bars of ``metric`` grouped by ``group`` (splits), one series per ``series`` (system), with intervals
-    from ``metric_lo`` and ``metric_hi``."""
+    from ``lo`` and ``hi`` (default ``metric_lo`` and ``metric_hi``; a missing bound draws no bar)."""
     go = _go()
+    lo, hi = lo or f"{metric}_lo", hi or f"{metric}_hi"
     fig = go.Figure()
     for name in dict.fromkeys(r[series] for r in rows):
         mine = [r for r in rows if r[series] == name]
         fig.add_trace(go.Bar(
-            name=str(name), x=[r[group] for r in mine], y=[r[metric] for r in mine],
-            error_y={"type": "data", "symmetric": False, "array": [r[f"{metric}_hi"] - r[metric] for r in mine],
-                     "arrayminus": [r[metric] - r[f"{metric}_lo"] for r in mine]},
+            name=str(name), x=[str(r[group]) for r in mine], y=[r[metric] for r in mine],
+            error_y={"type": "data", "symmetric": False, "array": [_gap(r.get(hi), r[metric]) for r in mine],
+                     "arrayminus": [_gap(r[metric], r.get(lo)) for r in mine]},
             hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>"))
-    fig.update_layout(title=title, barmode="group", yaxis={"title": metric, "range": [0, 1]}, height=420)
+    fig.update_layout(title=title, barmode="group", yaxis={"title": metric, **({"range": [0, 1]} if unit_range else {})},
+                      height=420)
     return fig

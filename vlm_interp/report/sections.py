@@ -178,8 +178,41 @@ def _interval(row: dict, metric: str) -> str:
     return f"{row[metric]:.3f} [{row[f'{metric}_lo']:.3f}, {row[f'{metric}_hi']:.3f}]"
 
 
+def _finite(value) -> bool:
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def long_comparison_sections(table_rows: list[dict], test_rows: list[dict], title: str) -> list[Section]:
+    """A benchmark suite's long table (benchmark, split, source, metric, value, lo, hi, n per system): the table,
+    one grouped plot per benchmark and metric (logits where there are, as the suite's own plot), the tests."""
+    rows = [{"system": r["system"], "benchmark": r["benchmark"], "split": r["split"], "source": r["source"],
+             "metric": r["metric"],
+             "value [95% CI]": (f"{r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]" if _finite(r.get("lo"))
+                                else f"{r['value']:.3f}") if _finite(r["value"]) else "",
+             "n": r.get("n")} for r in table_rows]
+    main = Section(title).add(table(rows, caption="every benchmark, split, source and metric (bootstrap intervals)"))
+    plots = Section("Grouped plots")
+    for part, metric in dict.fromkeys((r["benchmark"], r["metric"]) for r in table_rows):
+        mine = [r for r in table_rows if r["benchmark"] == part and r["metric"] == metric and _finite(r["value"])]
+        source = "logits" if any(r["source"] == "logits" for r in mine) else "generation"
+        mine = [r for r in mine if r["source"] == source]
+        if mine:
+            plots.add(charts.grouped_bars(mine, "split", "system", "value", f"{part}: {metric} ({source})", lo="lo",
+                                          hi="hi", unit_range=all(0 <= r["value"] <= 1 for r in mine)))
+    tests = Section("Paired tests (exact McNemar, same questions)")
+    tests.add(table(test_rows, digits=4) if test_rows else
+              "<p class='note'>One system only: there is no pair to test.</p>")
+    return [main, plots, tests]
+
+
 def comparison_sections(table_rows: list[dict], test_rows: list[dict], title: str = "Comparison") -> list[Section]:
-    """The comparison's table with 95% intervals, its grouped plot per answer source, and the paired tests."""
+    """The comparison's table with 95% intervals, its grouped plot per answer source, and the paired tests
+    (a benchmark suite's long table, with ``benchmark``, ``metric`` and ``value`` columns, in its own layout)."""
+    if table_rows and {"benchmark", "metric", "value"} <= set(table_rows[0]):
+        return long_comparison_sections(table_rows, test_rows, title)
     rows = [{"system": r["system"], "split": r["split"], "source": r["source"],
              "accuracy [95% CI]": _interval(r, "accuracy"),
              **({"F1 [95% CI]": _interval(r, "f1")} if "f1_lo" in r else {"F1": r.get("f1")}),
