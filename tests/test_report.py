@@ -288,3 +288,23 @@ def test_compare_over_several_benchmarks_reports_its_long_table(tmp_path):
         assert np.allclose(array(bar["y"]), rows["value"].values)
     first = table.iloc[0]
     assert f"{first.value:.3f} [{first.lo:.3f}, {first.hi:.3f}]" in html
+
+
+@pytest.mark.parametrize("command", ["lens", "knockout", "attention"])
+def test_method_commands_write_a_manifest_and_a_report_of_their_result(tmp_path, command):
+    from vlm_interp.cli import main
+    from vlm_interp.tracing.results import Labelled
+
+    out = tmp_path / command
+    extra = ["--knockout"] if command == "attention" else []
+    assert main([command, "--model", "tiny:llava", "--image", "shapes:3", "--question", QUESTION, "--out", str(out),
+                 *extra]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["command"] == command and all((out / f).is_file() for f in manifest["files"])
+    result = Labelled.load(out / manifest["results"][0]["file"])
+    shown = figures((out / "report.html").read_text())[0]["data"][-1]  # the first chart's every-token heatmap
+    data = result.data
+    expected = {"lens": lambda: data.sel(component="hidden", quantity="prob").values,
+                "knockout": lambda: data.transpose("layer", "edge").values,  # no head axis by default
+                "attention": lambda: data.mean("head").transpose("layer", "position").values}[command]()
+    assert np.allclose(array(shown["z"]), expected, atol=1e-5)

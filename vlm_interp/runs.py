@@ -110,7 +110,8 @@ def read_manifest(folder: "str | Path") -> dict:
     path = folder / MANIFEST
     if not path.exists():
         raise RunFolderError(f"{folder} has no {MANIFEST}: it was not written by a vlm-interp command that records its "
-                             "runs (demo, trace, compare); rerun the command into this folder")
+                             "runs (demo, trace, trace-dataset, lens, knockout, attention, compare); rerun the command "
+                             "into this folder")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -181,7 +182,8 @@ def report_run(folder: "str | Path", path: "str | Path | None" = None) -> Path:
                 result = Labelled.load(file)
             except (ValueError, KeyError, OSError) as err:
                 raise RunFolderError(f"{file} (kind {kind!r} in {folder / MANIFEST}) is not a labelled result the "
-                                     f"report can read (saved by a result's .save(), JSON or NetCDF): {err!r}") from None
+                                     f"report can read (saved by a result's .save(), JSON or NetCDF): {err!r}") \
+                    from None
             sections = labelled_sections(result, title, image, boxes)
         for section in sections:
             page.add(section)

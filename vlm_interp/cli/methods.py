@@ -34,6 +34,18 @@ def _out(args: argparse.Namespace) -> Path:
     return out
 
 
+def _record(args: argparse.Namespace, command: str, vlm, ex, files: list, results: list[dict], settings: dict) -> None:
+    """run.json (with the example's image and boxes) and report.html of one method's run."""
+    from vlm_interp.runs import report_run, save_example, write_manifest
+
+    out = Path(args.out)
+    files = files + [save_example(ex, out)] + ([out / "image.png"] if ex.image is not None else [])
+    write_manifest(out, command, vlm=vlm, inputs={"image": args.image, "question": args.question, "answer": ex.answer,
+                                                  "region": args.region}, settings=settings, results=results,
+                   files=files)
+    print(f"report: {report_run(out)}")
+
+
 def _edges(text: str) -> list[tuple[str, str]]:
     edges = []
     for item in text.split(","):
@@ -86,6 +98,8 @@ def _lens(args: argparse.Namespace) -> int:
                   f"rank {int(column.sel(quantity='rank', layer=layer))}, top "
                   f"{[row for row in lens.attrs['top_tokens'][component][layer][k]]}")
     print("wrote " + ", ".join(str(f) for f in files))
+    _record(args, "lens", vlm, ex, files, [{"file": "lens.json", "kind": "lens", "title": "Logit lens"}],
+            {"sites": sites, "tokens": args.tokens, "k": args.k})
     return 0
 
 
@@ -108,6 +122,10 @@ def _knockout(args: argparse.Namespace) -> int:
                                                                                 rel.sel(edge=edge).values))
         print(f"  {edge}: {changes}")
     print("wrote " + ", ".join(str(f) for f in files))
+    _record(args, "knockout", vlm, ex, files, [{"file": "knockout.json", "kind": "knockout",
+                                                "title": "Attention knockout"}],
+            {"edges": [f"{s}->{t}" for s, t in edges], "tower": args.tower, "component": args.component,
+             "window": args.window, "layers": args.layers, "heads": args.heads, "metric": args.metric})
     return 0
 
 
@@ -133,6 +151,12 @@ def _attention(args: argparse.Namespace) -> int:
         print("  share of attention on the image per layer: "
               + ", ".join(f"L{int(l)} {float(v):.3f}" for l, v in zip(share.coords["layer"].values, share.values)))
     print("wrote " + ", ".join(str(f) for f in files))
+    results = [{"file": "attention.json", "kind": "attention", "title": "Attention maps (correlational)"}]
+    if result is not None:
+        results.append({"file": "knockout.json", "kind": "knockout", "title": "Attention knockout (causal)"})
+    _record(args, "attention", vlm, ex, files, results, {"tower": args.tower, "component": args.component,
+                                                         "query": args.query, "layers": args.layers,
+                                                         "knockout": args.knockout})
     return 0
 
 

@@ -16,6 +16,7 @@ def _report(args: argparse.Namespace) -> int:
 def add(sub) -> None:
     """Register this group's commands on the ``vlm-interp`` subparsers."""
     rep = sub.add_parser("report", help="an interactive HTML report (one offline file) of a folder a command wrote")
-    rep.add_argument("run_dir", metavar="RUN_DIR", help="a folder with run.json (written by demo, trace, compare)")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a folder with run.json (written by demo, trace, "
+                     "trace-dataset, lens, knockout, attention or compare)")
     rep.add_argument("--out", help="the HTML file to write (default RUN_DIR/report.html)")
     rep.set_defaults(run=_report)

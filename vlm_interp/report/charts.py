@@ -217,6 +217,7 @@ def grouped_bars(rows: Sequence[dict], group: str, series: str, metric: str, tit
             error_y={"type": "data", "symmetric": False, "array": [_gap(r.get(hi), r[metric]) for r in mine],
                      "arrayminus": [_gap(r[metric], r.get(lo)) for r in mine]},
             hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>"))
-    fig.update_layout(title=title, barmode="group", yaxis={"title": metric, **({"range": [0, 1]} if unit_range else {})},
+    axis = {"title": metric, **({"range": [0, 1]} if unit_range else {})}
+    fig.update_layout(title=title, barmode="group", yaxis=axis,
                       height=420)
     return fig
