@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from report_pages import tiny_trace
+from report_pages import QUESTION, figures, tiny_trace
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_report.py"
 
@@ -46,16 +46,22 @@ spec.loader.exec_module(bench)
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """A tiny:llava trace report (with the image overlay) and a comparison report, on disk."""
+    """tiny:llava reports on disk: a trace (with the image overlay), a comparison, the logit lens, and attention
+    maps with knockout (the last two written by their commands)."""
     from test_report import comparison_frames
 
+    from vlm_interp.cli import main
     from vlm_interp.hallucination.compare import Comparison
 
     folder = tmp_path_factory.mktemp("reports")
     _, ex, tr = tiny_trace()
     table, tests = comparison_frames()
+    for command in ("lens", "attention"):
+        main([command, "--model", "tiny:llava", "--image", "shapes:3", "--question", QUESTION,
+              "--out", str(folder / command)] + (["--knockout"] if command == "attention" else []))
     return {"trace": tr.to_html(folder / "trace.html", example=ex), "compare":
-            Comparison(table, tests, {}).to_html(folder / "compare.html"), "example": ex, "trace_result": tr}
+            Comparison(table, tests, {}).to_html(folder / "compare.html"), "example": ex, "trace_result": tr,
+            "lens": folder / "lens" / "report.html", "attention": folder / "attention" / "report.html"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,7 @@ def requests(driver) -> list[str]:
     return urls
 
 
-@pytest.mark.parametrize("name", ["trace", "compare"])
+@pytest.mark.parametrize("name", ["trace", "compare", "lens", "attention"])
 def test_page_loads_offline_without_console_errors_and_every_chart_renders(driver, pages, shots, name):
     open_page(driver, pages[name])
     errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
@@ -98,7 +104,7 @@ def test_page_loads_offline_without_console_errors_and_every_chart_renders(drive
         const marks = Array.from(d.querySelectorAll('.cartesianlayer image, .cartesianlayer .trace path'))
             .filter(e => { const b = e.getBBox(); return b.width > 0 && b.height > 0; });
         return [d.id, marks.length, d.getBoundingClientRect().height]; });""")
-    assert len(drawn) == (3 if name == "trace" else 2)
+    assert len(drawn) == len(figures(pages[name].read_text())) > 0
     assert all(marks > 0 and height > 100 for _, marks, height in drawn), drawn
     driver.save_screenshot(str(shots / f"{name}.png"))
 
