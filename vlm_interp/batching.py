@@ -150,16 +150,24 @@ def answer_positions(vlm, batch: Batch) -> list[int]:
 
 @torch.no_grad()
 def first_token_logits(vlm, batch: Batch) -> torch.Tensor:
-    """Logits (rows, vocab) of each row's first answer token, in float32."""
+    """Logits (rows, vocab) of each row's first answer token, in float32; the active logits processors
+    (:attr:`VLM.logits_processors`, such as VCD and PAI) apply, as in :meth:`VLM.first_token_logits`."""
+    processors = vlm.logits_processor(batch.inputs)
     logits = vlm.logits(_forward_inputs(vlm, batch))
     rows = torch.arange(len(batch), device=logits.device)
-    return logits[rows, torch.tensor(answer_positions(vlm, batch), device=logits.device)].float()
+    out = logits[rows, torch.tensor(answer_positions(vlm, batch), device=logits.device)].float()
+    return out if processors is None else processors(batch.inputs["input_ids"], out)
 
 
 @torch.no_grad()
 def generate(vlm, batch: Batch, max_new_tokens: int = 20, **kw: Any) -> list[str]:
-    """Greedy (by default) generations of every row, as :meth:`VLM.generate` gives them one at a time."""
+    """Greedy (by default) generations of every row, as :meth:`VLM.generate` gives them one at a time (with the
+    active logits processors, as there)."""
     kw.setdefault("do_sample", False)
+    processors = vlm.logits_processor(batch.inputs)
+    if processors is not None:
+        processors.extend(kw.get("logits_processor") or [])
+        kw["logits_processor"] = processors
     out = vlm.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, **kw)
     out = vlm.decoder.generated(out, batch.inputs)
     return [vlm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]

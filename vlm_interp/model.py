@@ -434,8 +434,8 @@ class VLM:
         Active logits processors (:attr:`logits_processors`) apply, as at generate's first step.
         """
         with torch.no_grad(), applied(self, ex):
+            processors = self.logits_processor(ex.inputs)  # before the forward: PAI's attention edit reads the inputs
             scores = self.logits(ex.inputs)[0, self.answer_start(ex)].float()
-            processors = self.logits_processor(ex.inputs)
             if processors is not None:
                 scores = processors(ex.inputs["input_ids"], scores[None])[0]
             return scores
