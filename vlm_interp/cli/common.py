@@ -7,7 +7,8 @@ import argparse
 DEFAULT_MODEL = "zoo:shapes-llava"
 INTERVENTION_HELP = ("intervention during answering: heads:SCORES.nc,lambda=1 (V-SEAM head modulation), "
                      "vhr:alpha=2[,layers=1-3], iri:PLAN.json, scale:lm.head.2.1=1.5+lm.head.3.0=0, "
-                     "vcd:alpha=1[,beta=0.1,noise=500,seed=0] (visual contrastive decoding)")
+                     "vcd:alpha=1[,beta=0.1,noise=500,seed=0] (visual contrastive decoding), "
+                     "pai:alpha=0.2[,gamma=0.1,start=2,end=N,beta=0.1] (PAI; gamma is the paper's gamma minus 1)")
 
 
 def positive(text: str) -> int:
