@@ -2,7 +2,8 @@
 
     python scripts/benchmarks.py [--organisms shapes-llava] [--work DIR] [--images 20]
 
-Systems: the unmodified organism, VCD (alpha 1, beta 0.1, noise step 500), VHR (alpha 2) and the head
+Systems: the unmodified organism, VCD (alpha 1, beta 0.1, noise step 500), PAI (alpha 0.5, gamma 1.1 in the
+paper's terms, layers from 2), VHR (alpha 2) and the head
 modulations chosen for results/interventions.md (their ``scale:`` specs, read from results/interventions.json).
 Every answer is kept under WORK (resumable). Writes results/benchmarks.md and results/benchmarks.json.
 For every intervened system and yes/no benchmark part, the shifted-threshold diagnostic moves the unmodified
@@ -37,7 +38,7 @@ HEADS = ("heads-damp(4)",)
 
 def systems(name: str, only: list[str] | None = None) -> dict[str, object]:
     specs = json.loads((ROOT / "results" / "interventions.json").read_text())["organisms"][name]["specs"]
-    out = {"vcd(1)": "vcd:alpha=1", "vhr(2)": "vhr:alpha=2"}
+    out = {"vcd(1)": "vcd:alpha=1", "pai(0.5)": "pai:alpha=0.5", "vhr(2)": "vhr:alpha=2"}
     out.update({k: specs[k] for k in HEADS if k in specs and specs[k].startswith("scale:")})
     if only is not None:
         missing = sorted(set(only) - set(out))
