@@ -139,6 +139,25 @@ def test_batched_and_one_at_a_time_give_the_same_tokens(llava, image, other_imag
     assert not torch.allclose(vcd_first, batching.first_token_logits(llava, one)[0], atol=1e-4)
 
 
+def test_vcd_contrast_run_sees_the_amplification_and_step_trackers_refuse_the_text_run(llava, image):
+    import dataclasses
+
+    from vlm_interp.interventions import vhr
+    from vlm_interp.interventions.vcd import diffusion_noise
+
+    ex = llava.prepare(image, QUESTION)
+    distorted = dataclasses.replace(ex, inputs={**ex.inputs, "pixel_values": diffusion_noise(
+        ex.inputs["pixel_values"], 500, 0)})
+    with pai(llava, alpha=1.0, gamma=0.0, start=0):
+        clean, contrast = llava.first_token_logits(ex), llava.first_token_logits(distorted)
+        with vcd(llava, alpha=1.0):
+            stacked = llava.first_token_logits(ex)
+    torch.testing.assert_close(stacked, vcd_logits(clean[None], contrast[None], 1.0, 0.1)[0], atol=1e-6, rtol=0)
+    with pytest.raises(InterventionError, match="do not stack"):
+        with vhr(llava, alpha=2.0), pai(llava, start=0):
+            llava.generate(ex, max_new_tokens=2, suppress_tokens=[llava.image_token_id])
+
+
 def test_compare_takes_pai_end_to_end(tmp_path):
     from vlm_interp.cli import main
 

@@ -31,8 +31,9 @@ cross-attention) and Mllama (cross-attention layers, no image tokens in the LM's
 The image positions come from the inputs handed to :meth:`VLM.generate`, :meth:`VLM.first_token_logits` or
 batched evaluation (through :attr:`VLM.logits_processors`); a batch row's own image tokens are found from its
 ``input_ids``, so left padding moves them with the row. Stacking as VCD: its text-only run happens inside every
-other active intervention's hooks (the amplification itself is paused there: the text has no image); VHR and
-IRI, which track generation steps, refuse to stack with a text-only run.
+other active intervention's hooks (the amplification itself is paused there: the text has no image), and VCD's
+contrast run sees the amplification (tested). VHR (its own text-only LM passes) and IRI with ``gamma > 0`` (its
+step tracker refuses the text-only run) do not stack with PAI: an error says so.
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ class ImageAttention(compat.AttentionEdit):
                                     "the forward through VLM.generate, first_token_logits or batched evaluation")
         if call.k_len < prompt:
             raise InterventionError(f"an attention call of {type(call.module).__name__} sees {call.k_len} keys, fewer "
-                                    f"than the {prompt}-token prompt: its key/value cache keeps a sliding window (Gemma "
-                                    "2 and 3's local layers), so PAI cannot tell which keys are image tokens; use "
-                                    "first-token answers, or generate with use_cache=False")
+                                    f"than the {prompt}-token prompt PAI was set up for, so PAI cannot tell which keys "
+                                    "are image tokens. Either another intervention ran its own pass of the LM on other "
+                                    "inputs (VHR's text-only passes: they do not stack with PAI), or the layer's "
+                                    "key/value cache keeps a sliding window (Gemma 2 and 3's local layers: use "
+                                    "first-token answers, or generate with use_cache=False)")
         keys = torch.zeros(rows, call.k_len, dtype=torch.bool, device=scores.device)
         keys[:, :prompt] = self.image.to(scores.device)
         queries = (call.self_positions() >= prompt - 1).to(scores.device)
