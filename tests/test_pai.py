@@ -199,3 +199,16 @@ def test_bad_values_and_families_where_pai_cannot_apply(llava, image):
     with pytest.raises(InterventionError, match="cross-attention"):
         with pai(vi.wrap(*tiny("mllama", seed=0)), start=0):
             pass
+
+
+def test_sliding_window_caches_are_named_and_uncached_generation_works(image):
+    """Gemma 3's local layers cache a window of keys: cached generation says so, first-token answers and
+    generation without the cache run."""
+    vlm = vi.wrap(*tiny("gemma3", seed=0))
+    ex = vlm.prepare(image, QUESTION)
+    with pai(vlm, alpha=0.5, gamma=0.1, start=0) as state:
+        vlm.first_token_logits(ex)
+        vlm.generate(ex, max_new_tokens=3, use_cache=False, suppress_tokens=[vlm.image_token_id])
+        with pytest.raises(InterventionError, match="sliding window"):
+            vlm.generate(ex, max_new_tokens=3, suppress_tokens=[vlm.image_token_id])
+    assert state.steps >= 4
