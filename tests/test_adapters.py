@@ -69,7 +69,8 @@ FINAL = {
 VISION_MODULE = {"mllama": "model.vision_model", "idefics3": "model.vision_model", "smolvlm": "model.vision_model",
                  "internvl": "model.vision_tower", "llava": "model.vision_tower", "llava_next": "model.vision_tower",
                  "blip": "vision_model", "blip2": "vision_model", "instructblip": "vision_model",
-                 "llava_onevision": "model.vision_tower", "gemma3": "model.vision_tower", "paligemma": "model.vision_tower",
+                 "llava_onevision": "model.vision_tower", "gemma3": "model.vision_tower",
+                 "paligemma": "model.vision_tower",
                  **{f: "model.visual" for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}}
 
 
@@ -217,7 +218,8 @@ def test_patching_last_lm_hidden_equals_manual_final_layers(vlm, image, other_im
 
 def test_residual_in_plus_attn_plus_mlp_is_residual_out(vlm, image):
     """Where a tower's ``attn`` and ``mlp`` are the tensors added to the residual stream (Tower.residual_sum), a layer's
-    input plus both (times the scales Tower.residual_scale names) is its output, at every layer, read with plain torch hooks; BERT-style post-norm towers say not."""
+    input plus both (times the scales Tower.residual_scale names) is its output, at every layer, read with plain
+    torch hooks; BERT-style post-norm towers say not."""
     ex = vlm.prepare(image, QUESTION)
     checked = []
     for tower, spec in vlm.adapter.adapter.towers.items():

@@ -79,7 +79,8 @@ def _build(family: str, classes: tuple[str, ...], config) -> Adapter:
         model_classes=classes,
         towers={
             "vision": Tower("model.vision_model.encoder.layers", CLIP_VISION_LAYER, "vision_config.num_attention_heads",
-                            description="SigLIP vision encoder, one entry per image tile", batch_layout="tiles", residual_sum=True,
+                            description="SigLIP vision encoder, one entry per image tile", batch_layout="tiles",
+                            residual_sum=True,
                             attention=SELF_ATTN),
             "lm": lm_tower(config, "model.text_model", "lm_head"),
         },

@@ -90,7 +90,8 @@ def build(config) -> Adapter:
         model_classes=MODEL_CLASSES,
         towers={
             "vision": Tower("model.vision_model.transformer.layers", VISION_LAYER, "vision_config.attention_heads",
-                            description="local vision encoder, one sequence per image (tiles in turn)", residual_sum=True,
+                            description="local vision encoder, one sequence per image (tiles in turn)",
+                            residual_sum=True,
                             attention=SELF_ATTN),
             "vision_global": Tower("model.vision_model.global_transformer.layers", VISION_LAYER,
                                    "vision_config.attention_heads", residual_scale=GATES,

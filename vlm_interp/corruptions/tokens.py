@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from .. import prompts
 from ..example import Example
 from .base import CorruptionError
 
@@ -88,7 +89,7 @@ def _span_tokens(tokenizer, text: str, span: tuple[int, int]) -> list[str]:
 
 def _aligned_positions(vlm, stream: _Stream, prompt: str, seq: list[int], spans: list[tuple[int, int]]) -> set[int]:
     """Positions of the processed sequence whose tokens overlap any of ``spans`` (prompt characters)."""
-    mapping = vlm.text_alignment(stream.tokenizer, prompt, seq, stream.skip_id)
+    mapping = prompts.text_alignment(stream.tokenizer, prompt, seq, stream.skip_id)
     wide = [(_extend_left(prompt, a), b) for a, b in spans]
     return {stream.offset + p for p, (a, b) in mapping.items()
             if b > a and any(a < e and b > s for s, e in wide)}
