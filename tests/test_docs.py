@@ -51,7 +51,8 @@ def process_lines(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_the_checker_catches_process_text_and_spares_technical_uses(tmp_path):
     bad = tmp_path / "bad.md"
-    bad.write_text(f"Measured in {WORD.title()} 4 on the old checkpoint.\nSee issue #12 for the plan.\nfine line\n")
+    bad.write_text(f"Measured in {WORD.title()} 4 on the old checkpoint.\nSee issue #"
+                   "12 for the plan.\nfine line\n")
     found = process_lines(bad, tmp_path)
     assert [line.split(":")[1] for line in found] == ["1", "2"]
     good = tmp_path / "good.py"
@@ -96,3 +97,49 @@ def test_readme_python_block_runs(index, tmp_path):
     assert done.returncode == 0, f"README block {index} failed:\n{code}\n{done.stderr[-3000:]}"
     for name in re.findall(r"""\.plot\(\s*["']([^"']+)["']""", code):
         assert (tmp_path / name).stat().st_size > 1000  # the pictures the block promises exist
+
+
+def test_every_relative_link_of_the_readme_points_at_a_file():
+    text = (ROOT / "README.md").read_text()
+    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link]
+    assert any(link.startswith("docs/methods/") for link in links)
+    missing = [link for link in links if not (ROOT / link).is_file()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
+METHOD_PAGES = ["causal-tracing", "attribution-patching", "logit-lens", "attention-knockout", "attention-maps",
+                "head-modulation", "vhr", "iri", "vcd", "hallucination", "corruptions"]
+
+
+@pytest.mark.parametrize("page", METHOD_PAGES)
+def test_each_method_page_names_its_paper_what_it_computes_and_its_guarantees(page):
+    text = (ROOT / "docs" / "methods" / f"{page}.md").read_text()
+    assert re.search(r"^\*\*Papers?\.\*\* .*\(.*(19|20)\d\d\)", text, flags=re.M | re.S), "no paper with its year"
+    assert re.search(r"^## What (it|each) computes?", text, flags=re.M)
+    assert "## Exactness guarantees" in text
+    assert f"methods/{page}.md" in (ROOT / "mkdocs.yml").read_text()  # and it is in the site's navigation
+
+
+def test_research_records_have_a_date_and_a_checkpoint_hash():
+    records = [p for p in (ROOT / "docs" / "research").rglob("*.md") if p.name != "index.md"]
+    assert len(records) >= 8
+    for record in records:
+        text = record.read_text()
+        assert re.search(r"20\d\d-\d\d-\d\d", text), f"{record.name}: no date"
+        named = re.search(r"`[0-9a-f]{8}(?:[0-9a-f]{56})?`|sha256", text) or "weights were not kept" in text
+        assert named, f"{record.name}: no checkpoint hash (nor a note that the weights were not kept)"
+
+
+def test_the_docs_build_without_warnings(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    import os
+    import sys
+
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "methods" / "causal-tracing" / "index.html").is_file()
+    assert "Effect on the answer of restoring each component" in (
+        tmp_path / "site" / "reference" / "tracing" / "index.html").read_text()  # the API reference is rendered
