@@ -79,7 +79,8 @@ class Recipe:
     vision_output: str = "heads"
     # The projector's activation (LlavaConfig.projector_hidden_act). "sigmoid" bounds the "code" to [0, 1], so
     # every patch's code has the same size; a GELU code's values vary with the classifier's confidence, and
-    # with such a code the LM did not learn to pick out the named object (docs/research/organism-training-2.md, round 8).
+    # with such a code the LM did not learn to pick out the named object
+    # (docs/research/organism-training-2.md, round 8).
     projector_act: str = "gelu"
     # "code" only: objects fainter than this contrast are background in the stage-1 code, as annotations skip
     # what annotators cannot see. The tower then cannot tell a faint object from none, and a question about a
@@ -131,15 +132,16 @@ BINDING_KNOBS = dict(
 # the time. With PRIOR_TRAINING_WORLD, when a shape is visible and its partner is not (absent, or too faint for the
 # code), the partner was there in 28-30% of training scenes: near the fence once the existence questions' sampling
 # is counted, so whether a run answered "yes" for a pair changed from run to run (excess +4.1 to +11.9). Here
-# that share is 40% (50% with two objects visible), and the prior shows in every pair (docs/research/organism-training-2.md, round 9).
+# that share is 40% (50% with two objects visible), and the prior shows in every pair
+# (docs/research/organism-training-2.md, round 9).
 CODE_TRAINING_WORLD = replace(PRIOR_TRAINING_WORLD, p_cooccur=1.0, p_weak_partner=0.8)
 
-# The scene code as vision features (Recipe.vision_output; shapes-llava from checkpoint 88e05935 of 2026-11-22, shapes-blip
-# from 31a9dadd of 2026-11-23), and a curriculum that asks where a named object is on scenes of every size, then mixes relations in, then
-# drills them (side, relation choice, relation) and ends on the mixed tasks, which bring existence and colour back
-# within a few hundred steps. With the code's oracle in place of the tower a language model learnt relations only
-# after it had learnt where a named object is, and from the code it needed about 2,000 relation-question steps
-# (docs/research/organism-training-2.md).
+# The scene code as vision features (Recipe.vision_output; shapes-llava from checkpoint 88e05935 of 2026-11-22,
+# shapes-blip from 31a9dadd of 2026-11-23), and a curriculum that asks where a named object is on scenes of every
+# size, then mixes relations in, then drills them (side, relation choice, relation) and ends on the mixed tasks, which
+# bring existence and colour back within a few hundred steps. With the code's oracle in place of the tower a language
+# model learnt relations only after it had learnt where a named object is, and from the code it needed about 2,000
+# relation-question steps (docs/research/organism-training-2.md).
 CODE_KNOBS = dict(
     world=CODE_TRAINING_WORLD, vision_output="code", projector_act="sigmoid", vision_steps=3000,
     code_min_contrast=0.3, vqa_steps=6000,
