@@ -108,7 +108,7 @@ def test_every_relative_link_of_the_readme_points_at_a_file():
 
 
 METHOD_PAGES = ["causal-tracing", "attribution-patching", "logit-lens", "attention-knockout", "attention-maps",
-                "head-modulation", "vhr", "iri", "vcd", "hallucination", "corruptions"]
+                "head-modulation", "vhr", "iri", "vcd", "pai", "hallucination", "corruptions"]
 
 
 @pytest.mark.parametrize("page", METHOD_PAGES)
