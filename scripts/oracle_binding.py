@@ -4,10 +4,10 @@ Trains a fresh shapes-llava (its recipe's architecture and learning rate) on one
 circle on the left or the right?", about training scenes, and measures it on held-out scenes with two or
 three objects, where answering with the side of all objects' mean position (the unbound shortcut) is
 often right, so the shortcut's score is printed next to it. ``--features tower`` first runs the "heads"
-stage-1 vision pretraining (shapes-llava's until session 7, per-patch classification heads on the tower) and
+stage-1 vision pretraining (shapes-llava's until 2026-11-22, per-patch classification heads on the tower) and
 trains on the tower's output, as that organism did; ``--features oracle``
-feeds the scene graph's per-patch code instead (``vlm_interp.zoo.oracle``). Session 7 measured 96.6%
-(oracle) against 62.6% (tower) after 1,000 steps, shortcut 68.9% (results/notes/organisms-v3-runs.md).
+feeds the scene graph's per-patch code instead (``vlm_interp.zoo.oracle``). On 2026-11-22 it measured 96.6%
+(oracle) against 62.6% (tower) after 1,000 steps, shortcut 68.9% (docs/research/organism-training-2.md, round 7).
 
     python scripts/oracle_binding.py --features oracle --out oracle-binding
 
@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # session 7's comparison: the "heads" stage 1 that shapes-llava had then, and its GELU projector (since
-    # session 8 the recipe's own stage 1 emits the scene code itself, vision_output="code")
+    # the comparison of 2026-11-22: the "heads" stage 1 that shapes-llava had then, and its GELU projector (since
+    # checkpoint 88e05935 the recipe's own stage 1 emits the scene code itself, vision_output="code")
     recipe = replace(get_recipe("shapes-llava"), vision_output="heads", projector_act="gelu", vision_steps=1500)
     overrides = {k: v for k, v in {"train_scenes": args.scenes, "vision_steps": args.vision_steps}.items() if v}
     recipe = replace(recipe, **overrides)

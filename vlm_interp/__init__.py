@@ -14,6 +14,9 @@ from .hallucination import sets as _sets
 from .loading import load, wrap
 from .model import VLM, AnswerScore
 from .sites import Site, parse_site
+from .corruptions import noise
+from .tracing import Trace, trace
+from .tracing.plot import plot_trace
 
 __version__ = "0.1.0"
 
@@ -61,5 +64,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "corruptions", "tracing", "interventions", "load", "wrap", "VLM", "Example", "AnswerScore", "Hook", "AttachedHooks", "hooks", "Site", "parse_site",
-    "supported", "VLMInterpError", "__version__",
+    "supported", "VLMInterpError", "__version__", "noise", "trace", "Trace", "plot_trace",
 ]

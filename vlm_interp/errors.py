@@ -42,7 +42,7 @@ class AnswerEncodingError(VLMInterpError, ValueError):
 
 
 class CorruptionError(VLMInterpError, ValueError):
-    """A corruption cannot be built or applied as asked (it would shift tokens, is a no-op, is malformed, or an
+    """A corruption cannot be built or applied as requested (it would shift tokens, is a no-op, is malformed, or an
     in-model edit does not fit the tensor it meets)."""
 
 
@@ -51,5 +51,5 @@ class ResumeError(VLMInterpError, ValueError):
 
 
 class LoadError(VLMInterpError, ValueError):
-    """A checkpoint cannot be loaded as asked: options that contradict each other, an unknown option, or a
+    """A checkpoint cannot be loaded as requested: options that contradict each other, an unknown option, or a
     quantization this machine cannot run."""

@@ -230,7 +230,7 @@ class FastPathWarning(UserWarning):
 
 
 class FastPathError(RuntimeError):
-    """``fast_path=True`` was asked for and the fast tracing path cannot apply."""
+    """``fast_path=True`` was requested for and the fast tracing path cannot apply."""
 
 
 def _lm_start(vlm, base: Example, fast_path: FastPath) -> fast.LMStart | None:

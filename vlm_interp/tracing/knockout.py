@@ -39,7 +39,7 @@ DEFAULT_EDGES = (("image", "question"), ("image", "last"), ("question", "last"),
 
 
 class KnockoutError(SiteError):
-    """A knockout cannot apply as asked: no such attention, attention edits cannot reach it, or it cuts nothing."""
+    """A knockout cannot apply as requested: no such attention, attention edits cannot reach it, or it cuts nothing."""
 
 
 @dataclass(frozen=True)

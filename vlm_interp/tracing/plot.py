@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..example import Example
 from ..figures import pyplot, save_figure
-from .results import Trace
+
+if TYPE_CHECKING:  # only for annotations: Trace.plot imports this module
+    from .results import Trace
 
 
 def _collapse_image(trace: Trace, values: np.ndarray) -> tuple[np.ndarray, list[str]]:

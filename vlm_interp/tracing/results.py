@@ -91,6 +91,24 @@ class Trace(Labelled):
 
         return trace_page(self, example, path)
 
+    def plot(self, path: "str | Path", **kw) -> Path:
+        """Draw the trace as heatmaps (layers x tokens, one per component) to ``path``; see
+        :func:`~vlm_interp.tracing.plot.plot_trace` for the options. Makes missing folders; returns the path."""
+        from .plot import plot_trace  # plotting imports matplotlib: only when a picture is wanted
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return plot_trace(self, path, **kw)
+
+    def __repr__(self) -> str:
+        a = self.attrs
+        dims = ", ".join(f"{d}={n}" for d, n in self.data.sizes.items())
+        scores = ""
+        if "clean_score" in a and "corrupt_score" in a:
+            scores = f", {a.get('metric', 'score')} clean {a['clean_score']:.4g} corrupted {a['corrupt_score']:.4g}"
+        answer = f", answer {a['answer']!r}" if "answer" in a else ""
+        return f"Trace({dims}{answer}{scores})"
+
     @classmethod
     def mean(cls, traces: Sequence["Trace"], dim: str = "example") -> xr.Dataset:
         """Mean, standard error and 95% interval of the recovery rate over ``traces`` (same labels)."""

@@ -2,7 +2,7 @@
 
 A diagnostic for organism research. It separates what a language model can learn from what the vision
 features let it learn: with this code a fresh shapes-llava LM binds the named object's position and learns
-relations, with the trained tower it does not (results/notes/organisms-v3-runs.md, session 7).
+relations, with the trained tower it does not (docs/research/organism-training-2.md, round 7).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ ORGANISM_WORLD = WorldConfig(
 
 # shapes-llava's training world: weak objects are mostly partners pulled in by the prior, and the faint
 # ones barely visible, so that in training a faint partner's "yes" is often predictable only from the
-# object it co-occurs with (results/notes/organisms-v3-runs.md, session 4, candidate A).
+# object it co-occurs with (docs/research/organism-training.md, round 4, candidate A).
 PRIOR_TRAINING_WORLD = replace(ORGANISM_WORLD, p_weak=0.1, p_weak_partner=0.6, weak_contrast_range=(0.12, 0.25))
 
 
@@ -47,7 +47,7 @@ class Recipe:
     lm_layers: int = 4
     # Initial weight std of the language model (transformers' initializer_range). 0.02 suits a 4096-wide
     # LLaMA; at width 128 it leaves attention logits near 0 at the start, and in our pilots attention then
-    # learnt to pick out the one object a question names only slowly (results/notes/organisms-v3-runs.md).
+    # learnt to pick out the one object a question names only slowly (docs/research/organism-training.md).
     # About 0.02 * sqrt(4096 / width) gives logits of LLaMA's size.
     lm_init_std: float = 0.02
     heads: int = 4
@@ -75,11 +75,12 @@ class Recipe:
     # output becomes the code, standardised as its final layer norm leaves a token (train.standardised_code), and
     # stays frozen. From such a code the language side learnt to pick out the object a side or relation question
     # names (relations 92.8% / 93.0% / 94.5% for shapes-llava / -instructblip / -blip); from the "heads" tower's
-    # features it did not (results/notes/organisms-v3-runs.md, sessions 7 to 10).
+    # features it did not (docs/research/organism-training-2.md).
     vision_output: str = "heads"
     # The projector's activation (LlavaConfig.projector_hidden_act). "sigmoid" bounds the "code" to [0, 1], so
     # every patch's code has the same size; a GELU code's values vary with the classifier's confidence, and
-    # with such a code the LM did not learn to pick out the named object (notes, session 8).
+    # with such a code the LM did not learn to pick out the named object
+    # (docs/research/organism-training-2.md, round 8).
     projector_act: str = "gelu"
     # "code" only: objects fainter than this contrast are background in the stage-1 code, as annotations skip
     # what annotators cannot see. The tower then cannot tell a faint object from none, and a question about a
@@ -112,7 +113,7 @@ class Recipe:
         return d
 
 
-# The knobs that made shapes-llava bind (results/notes/organisms-v3-runs.md): existence alone first (mixed
+# The knobs that made shapes-llava bind (docs/research/organism-training.md): existence alone first (mixed
 # tasks from the start kept LLaVA's yes/no at the prior), then "which side is the circle on?" on one-object
 # scenes, then the mixed tasks; a larger initial LM weight std, so that attention can pick out the object a
 # question names (shapes-llava's colour 56.5% -> 89.0%, shapes-blip's 74.3% -> 87.7%; one run each: other runs
@@ -131,15 +132,16 @@ BINDING_KNOBS = dict(
 # the time. With PRIOR_TRAINING_WORLD, when a shape is visible and its partner is not (absent, or too faint for the
 # code), the partner was there in 28-30% of training scenes: near the fence once the existence questions' sampling
 # is counted, so whether a run answered "yes" for a pair changed from run to run (excess +4.1 to +11.9). Here
-# that share is 40% (50% with two objects visible), and the prior shows in every pair (notes, session 9).
+# that share is 40% (50% with two objects visible), and the prior shows in every pair
+# (docs/research/organism-training-2.md, round 9).
 CODE_TRAINING_WORLD = replace(PRIOR_TRAINING_WORLD, p_cooccur=1.0, p_weak_partner=0.8)
 
-# The scene code as vision features (Recipe.vision_output; shapes-llava from session 8, shapes-blip from session
-# 10), and a curriculum that asks where a named object is on scenes of every size, then mixes relations in, then
-# drills them (side, relation choice, relation) and ends on the mixed tasks, which bring existence and colour back
-# within a few hundred steps. With the code's oracle in place of the tower a language model learnt relations only
-# after it had learnt where a named object is, and from the code it needed about 2,000 relation-question steps
-# (notes, sessions 7 to 10).
+# The scene code as vision features (Recipe.vision_output; shapes-llava from checkpoint 88e05935 of 2026-11-22,
+# shapes-blip from 31a9dadd of 2026-11-23), and a curriculum that asks where a named object is on scenes of every
+# size, then mixes relations in, then drills them (side, relation choice, relation) and ends on the mixed tasks, which
+# bring existence and colour back within a few hundred steps. With the code's oracle in place of the tower a language
+# model learnt relations only after it had learnt where a named object is, and from the code it needed about 2,000
+# relation-question steps (docs/research/organism-training-2.md).
 CODE_KNOBS = dict(
     world=CODE_TRAINING_WORLD, vision_output="code", projector_act="sigmoid", vision_steps=3000,
     code_min_contrast=0.3, vqa_steps=6000,

@@ -43,7 +43,7 @@ def standardised_code(targets: dict[str, torch.Tensor], config, width: int,
     code has exactly one hot dimension per block, so all share one mean and spread, and standardising them gives every
     token the norm sqrt(width) that the tower's other outputs have. BLIP's question encoder and InstructBLIP's
     Q-Former read the tower's output through a cross-attention with no norm in between, and from a 0/1 code (norm 2)
-    neither learnt to pick out the object a question names (notes, session 10)."""
+    neither learnt to pick out the object a question names (docs/research/organism-training-2.md, round 10)."""
     mean = len(code_slices(config)) / width
     return (one_hot_code(targets, config, width, dtype) - mean) / math.sqrt(mean * (1 - mean))
 
@@ -51,7 +51,7 @@ def standardised_code(targets: dict[str, torch.Tensor], config, width: int,
 def tower_code_loss(tokens: torch.Tensor, targets: dict[str, torch.Tensor], config) -> torch.Tensor:
     """How far the tower's output ``tokens`` (batch, patches, width) is from the standardised scene code: squared
     error averaged over dimensions, plus cross-entropy within each block of the code read as logits (which learns
-    the per-patch classes faster than a squared error alone; notes, session 8)."""
+    the per-patch classes faster than a squared error alone; docs/research/organism-training-2.md, round 8)."""
     slices = code_slices(config)
     loss = (tokens - standardised_code(targets, config, tokens.shape[-1], tokens.dtype)).pow(2).mean()
     for name, sl in slices.items():
