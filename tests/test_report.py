@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vlm_interp.prompts import token_label
+
 from report_pages import QUESTION, array, figures, tiny_trace
 
 
@@ -41,8 +43,8 @@ def test_every_component_has_a_heatmap_holding_the_traces_numbers(traced):
         assert z.shape[1] == expected.shape[1] - len(image_cols) + 1
         assert np.allclose(z[:, image_cols[0]], expected[:, image_cols].mean(axis=1), atol=1e-5)
         # hover data: each column's token (position and text), the site, and the raw metric beside the recovery rate
-        assert expanded["x"][:3] == [f"{p}: {ex.tokens[p]}" for p in range(3)]
-        assert expanded["x"][image_cols[0]] == f"{image_cols[0]}: {ex.tokens[image_cols[0]]} (image)"
+        assert expanded["x"][:3] == [f"{p}: {token_label(ex.tokens[p])}" for p in range(3)]
+        assert expanded["x"][image_cols[0]] == f"{image_cols[0]}: {token_label(ex.tokens[image_cols[0]])} (image)"
         assert collapsed["x"][image_cols[0]] == f"<image> x{len(image_cols)}"
         assert np.allclose(array(expanded["customdata"]), tr.data.sel(component=comp).values, atol=1e-5)
         for part in ("token %{x}", "layer %{y}", f"site lm.{comp}.%{{y}}", "recovery rate %{z:.3f}"):
@@ -308,3 +310,27 @@ def test_method_commands_write_a_manifest_and_a_report_of_their_result(tmp_path,
                 "knockout": lambda: data.transpose("layer", "edge").values,  # no head axis by default
                 "attention": lambda: data.mean("head").transpose("layer", "position").values}[command]()
     assert np.allclose(array(shown["z"]), expected, atol=1e-5)
+
+
+def test_token_labels_read_as_text():
+    """Byte-level BPE and SentencePiece marks become spaces and are stripped; white-space tokens stay visible."""
+    assert [token_label(t) for t in ["\u0120diamond", "\u010a", "\u2581the", "<image>", "\u0120", "?"]] == \
+        ["diamond", "\\n", "the", "<image>", "\u2423", "?"]
+
+
+def test_the_overlay_shows_the_site_and_layer_where_one_image_token_matters_most():
+    """The demo's overlay picks the (component, layer) with the largest single-image-token recovery, by hand."""
+    import numpy as np
+
+    from vlm_interp.figures import signed_limits
+    from vlm_interp.tracing.plot import strongest_image_site
+
+    _, _, tr = tiny_trace()
+    rr = tr.rr()
+    cols = [k for k, g in enumerate(rr.coords["group"].values) if g in ("image", "object")]
+    best = max(((str(c), j) for c in rr.coords["component"].values for j in range(rr.sizes["layer"])),
+               key=lambda cl: float(np.nanmax(rr.sel(component=cl[0]).values[cl[1], cols])))
+    assert strongest_image_site(tr) == best
+    assert strongest_image_site(tr, layer=0)[1] == 0
+    low, high = signed_limits(np.array([[-0.2, 0.5], [np.nan, 0.1]]))
+    assert (low, high) == (-0.5, 0.5)  # centred at zero: a signed effect reads by its colour's side

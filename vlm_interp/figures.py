@@ -24,6 +24,16 @@ def pyplot():
     return plt
 
 
+def signed_limits(values) -> tuple[float, float]:
+    """Colour limits centred at zero for signed effects: (-m, m) with m the largest magnitude (1e-12 when all zero)."""
+    import numpy as np
+
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    m = float(np.abs(finite).max()) if finite.size else 0.0
+    return -max(m, 1e-12), max(m, 1e-12)
+
+
 def save_figure(fig, path: "str | Path") -> Path:
     """Save a matplotlib figure atomically (the format follows the file suffix) and close it."""
     try:

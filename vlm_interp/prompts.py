@@ -1,4 +1,5 @@
-"""Where a processed prompt's tokens come from: positions of a processed sequence mapped to spans of the prompt text."""
+"""Where a processed prompt's tokens come from (positions of a processed sequence mapped to spans of the prompt
+text), and how a token reads on an axis."""
 
 from __future__ import annotations
 
@@ -64,3 +65,13 @@ def question_positions(spans: dict[int, tuple[int, int]], prompt: str, question:
         raise PromptError(f"question {question!r} not found in the formatted prompt {prompt!r}")
     end = start + len(question)
     return sorted(p for p, (a, b) in spans.items() if b > a and a < end and b > start)
+
+
+def token_label(token: str) -> str:
+    """A token as a reader should see it on an axis: byte-level BPE and SentencePiece space marks as spaces, then
+    stripped; a token of white space only as a visible mark (a newline as '\\n')."""
+    text = str(token).replace("\u0120", " ").replace("\u010a", "\n").replace("\u0109", "\t").replace("\u2581", " ")
+    shown = text.strip()
+    if shown:
+        return shown
+    return {"\n": "\\n", "\t": "\\t"}.get(text[:1], "\u2423")  # a newline, a tab, else the open-box space

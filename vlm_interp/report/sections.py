@@ -11,6 +11,7 @@ import itertools
 
 import numpy as np
 
+from ..prompts import token_label
 from . import charts
 from .page import Section, esc, facts, table
 
@@ -50,7 +51,7 @@ def summary(attrs: dict, extra: dict | None = None) -> str:
 def _token_axis(data, attrs: dict) -> tuple[list[str], list[str], list[int | None]]:
     """Labels, groups and (single) sequence positions of a result's token axis."""
     n = data.sizes["position"]
-    tokens = [str(t) for t in data.coords["token"].values] if "token" in data.coords else \
+    tokens = [token_label(t) for t in data.coords["token"].values] if "token" in data.coords else \
         [str(p) for p in data.coords["position"].values]
     groups = [str(g) for g in data.coords["group"].values] if "group" in data.coords else [""] * n
     if "positions" in attrs:  # a trace's token axis: each entry lists the positions it restores

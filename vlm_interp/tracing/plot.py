@@ -8,19 +8,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..example import Example
-from ..figures import pyplot, save_figure
+from ..figures import pyplot, save_figure, signed_limits
+from ..prompts import token_label
 
 if TYPE_CHECKING:  # only for annotations: Trace.plot imports this module
     from .results import Trace
 
 
 def _collapse_image(trace: Trace, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Average the image-token columns into one column labelled '<image> x N'.
+    """Average the image-token columns into one column labelled 'image tokens (mean of N)'.
 
     Image tokens of the ``object`` group keep their own columns, marked '(object)'.
     """
     groups = list(trace.data.coords["group"].values)
-    labels = list(trace.data.coords["token"].values)
+    labels = [token_label(t) for t in trace.data.coords["token"].values]
     labels = [f"{t} (object)" if g == "object" else t for t, g in zip(labels, groups)]
     image_cols = [k for k, g in enumerate(groups) if g == "image"]  # object tokens stay separate
     if len(image_cols) < 2:
@@ -29,34 +30,53 @@ def _collapse_image(trace: Trace, values: np.ndarray) -> tuple[np.ndarray, list[
     for k in range(len(labels)):
         if k == image_cols[0]:
             keep.append(np.nanmean(values[..., image_cols], axis=-1))
-            names.append(f"<image> x{len(image_cols)}")
+            names.append(f"image tokens (mean of {len(image_cols)})")
         elif k not in image_cols:
             keep.append(values[..., k])
             names.append(labels[k])
     return np.stack(keep, axis=-1), names
 
 
+def corruption_text(corruption) -> str:
+    """A short phrase for what a trace's corruption did (its record, or the text a saved trace keeps)."""
+    if isinstance(corruption, dict):
+        kind = corruption.get("kind", "corruption")
+        if kind == "noise":
+            return (f"noise ({corruption.get('scale_spec', corruption.get('scale'))}) on the {corruption.get('tokens')} "
+                    f"{corruption.get('place')}")
+        return " ".join(str(corruption.get(k)) for k in ("kind", "spec", "description") if corruption.get(k)) or kind
+    return str(corruption or "the corrupted input")[:80]
+
+
 def plot_trace(trace: Trace, path: "str | Path", collapse_image: bool = True, normalise: bool = True) -> Path:
-    """One heatmap per component: layers (rows) x token positions (columns), ROME style."""
+    """One heatmap per component: layers (rows) x token positions (columns), ROME style.
+
+    Token labels are readable text; image tokens collapse into one labelled column (the object's stay apart); the
+    colour scale of each component is centred at zero, so effects of either sign read the same way.
+    """
     plt = pyplot()
     data = trace.rr() if normalise else trace.data
     comps = list(data.coords["component"].values)
-    fig, axes = plt.subplots(len(comps), 1, figsize=(min(18, 2 + 0.28 * data.sizes["position"]), 1.2 + 1.6 * len(comps)),
+    fig, axes = plt.subplots(len(comps), 1, figsize=(min(18, 2.5 + 0.3 * data.sizes["position"]), 1.6 + 1.8 * len(comps)),
                              squeeze=False)
     for ax, comp in zip(axes[:, 0], comps):
         values = data.sel(component=comp).values  # (layer, position)
-        labels = list(data.coords["token"].values)
+        labels = [token_label(t) for t in data.coords["token"].values]
         if collapse_image:
             values, labels = _collapse_image(trace, values)
-        im = ax.imshow(values, aspect="auto", cmap="Purples" if comp == "hidden" else "Greens" if comp == "mlp"
-                       else "Reds", origin="lower")
-        ax.set_ylabel(f"{comp}\nlayer")
+        low, high = signed_limits(values)
+        im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=low, vmax=high, origin="lower")
+        ax.set_ylabel(f"{trace.attrs['tower']}.{comp}\nlayer")
         ax.set_yticks(range(values.shape[0]))
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label="recovery rate" if normalise else trace.attrs["metric"])
     a = trace.attrs
-    axes[0, 0].set_title(f"{a['question']} -> {a['answer']!r}: {a['metric']} clean {a['clean_score']:.3f}, "
-                         f"corrupted {a['corrupt_score']:.3f}", fontsize=8)
+    restored = "restoring" if a.get("direction", "restore") == "restore" else "corrupting"
+    axes[0, 0].set_title(f"{a['question']} -> {a['answer']!r}. Corrupted: {corruption_text(a.get('corruption'))} "
+                         f"({a['metric']} {a['clean_score']:.3f} clean, {a['corrupt_score']:.3f} corrupted).\n"
+                         f"Each cell: {restored} one site at one layer and one token "
+                         f"(window {a.get('window', 1)}).", fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, Path(path))
 
 
@@ -75,27 +95,39 @@ def plot_heads(trace: Trace, path: "str | Path", position: int = 0, normalise: b
     return save_figure(fig, Path(path))
 
 
-def plot_image_effects(trace: Trace, example: Example, path: "str | Path", component: str = "hidden",
+def strongest_image_site(trace: Trace, component: str | None = None, layer: int | None = None) -> tuple[str, int]:
+    """The component and layer (among those not given) where restoring one image token recovers the most."""
+    every = trace.rr()
+    image_cols = [k for k, g in enumerate(every.coords["group"].values) if g in ("image", "object")]
+    comps = [component] if component is not None else [str(c) for c in every.coords["component"].values]
+    layers = [layer] if layer is not None else list(range(every.sizes["layer"]))
+    return max(((c, int(j)) for c in comps for j in layers),
+               key=lambda cl: np.nanmax(every.sel(component=cl[0]).values[cl[1], image_cols]))
+
+
+def plot_image_effects(trace: Trace, example: Example, path: "str | Path", component: str | None = None,
                        layer: int | None = None, tower: str = "lm") -> Path:
-    """Effects of restoring single image tokens drawn over the image on the patch grid."""
+    """Effects of restoring single image tokens drawn over the image on the patch grid.
+
+    Without ``component`` and ``layer``: the site and layer where restoring one image token matters most.
+    """
     plt = pyplot()
-    data = trace.rr().sel(component=component)
-    if layer is None:  # the layer where image tokens matter most
-        image_cols = [k for k, g in enumerate(data.coords["group"].values) if g == "image"]
-        layer = int(np.nanargmax(np.nanmax(data.values[:, image_cols], axis=1)))
-    values = data.sel(layer=layer).values
+    component, layer = strongest_image_site(trace, component, layer)
+    values = trace.rr().sel(component=component).values[layer]
     positions = [p[0] for p in trace.attrs["positions"]]
-    heat = np.zeros(example.image_hw)
+    heat = np.full(example.image_hw, np.nan)
     for k, pos in enumerate(positions):
         box = example.boxes.get(tower, {}).get(pos)
         if box is None or len(trace.attrs["positions"][k]) != 1:
             continue
         y0, x0, y1, x1 = (int(round(v)) for v in box)
         heat[max(0, y0):y1, max(0, x0):x1] = values[k]
-    fig, ax = plt.subplots(figsize=(4, 4))
+    low, high = signed_limits(heat)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.imshow(np.asarray(example.image))
-    im = ax.imshow(heat, alpha=0.55, cmap="magma")
+    im = ax.imshow(heat, alpha=0.6, cmap="RdBu_r", vmin=low, vmax=high)
     fig.colorbar(im, ax=ax, fraction=0.046, label="recovery rate")
-    ax.set_title(f"{tower}.{component} layer {layer}: restoring single image tokens", fontsize=8)
+    ax.set_title(f"Restoring one image token at {tower}.{component} layer {layer}\n"
+                 f"after {corruption_text(trace.attrs.get('corruption'))}", fontsize=8)
     ax.axis("off")
     return save_figure(fig, Path(path))
