@@ -8,6 +8,7 @@ import numpy as np
 
 from ..example import Example
 from ..figures import pyplot, save_figure
+from ..prompts import token_label
 
 
 def _save(fig, path) -> Path:
@@ -50,8 +51,8 @@ def plot_lens(lens, path, component: str = "hidden", quantity: str = "prob") -> 
     tops = lens.attrs["top_tokens"][component]
     for layer in range(n_layers):
         for k in range(n_pos):
-            ax.text(k, layer, tops[layer][k][0].strip()[:6], ha="center", va="center", fontsize=5, color="white")
-    ax.set_xticks(range(n_pos), list(data.coords["token"].values), rotation=90, fontsize=6)
+            ax.text(k, layer, token_label(tops[layer][k][0])[:6], ha="center", va="center", fontsize=5, color="white")
+    ax.set_xticks(range(n_pos), [token_label(t) for t in data.coords["token"].values], rotation=90, fontsize=6)
     ax.set_yticks(range(n_layers))
     ax.set_ylabel(f"lm.{component} layer")
     fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label=f"{quantity} of {lens.attrs['answer']!r}")
@@ -86,7 +87,7 @@ def plot_lens_image(lens, example: Example, path, component: str = "hidden", lay
         else:
             for k, p in on_image:
                 y0, x0, y1, x1 = boxes[p]
-                ax.text((x0 + x1) / 2, (y0 + y1) / 2, tops[l][k][0].strip()[:5], ha="center", va="center",
+                ax.text((x0 + x1) / 2, (y0 + y1) / 2, token_label(tops[l][k][0])[:5], ha="center", va="center",
                         fontsize=4, color="black")
         ax.set_title(f"lm.{component} layer {l}", fontsize=8)
         ax.axis("off")
