@@ -6,6 +6,7 @@ add what only their family has (its geometry by hand).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from vlm_interp.tracing import engine, fast, trace
 QUESTION = "Is there a red circle ?"
 
 
-def raw_output(vlm, path: str, kind: str, inputs: dict) -> torch.Tensor:
-    """A module's output (or first input) in one plain forward, by a plain torch hook."""
+def raw_output(vlm, path: str, kind: str, inputs: dict, example=None) -> torch.Tensor:
+    """A module's output (or first input) in one plain forward, by a plain torch hook; with ``example``, the forward
+    runs under its edits (attached after the hook)."""
     store = []
     module = vlm.model.get_submodule(path)
     if kind == "input":
@@ -34,7 +36,7 @@ def raw_output(vlm, path: str, kind: str, inputs: dict) -> torch.Tensor:
         handle = module.register_forward_hook(
             lambda m, a, o: store.append((o if torch.is_tensor(o) else o[0]).detach().clone()))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), applied(vlm, example) if example is not None else contextlib.nullcontext():
             vlm.logits(inputs)
     finally:
         handle.remove()

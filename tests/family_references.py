@@ -14,24 +14,14 @@ from vlm_interp import compat
 from vlm_interp.edits import applied
 from vlm_interp.sites import Site
 
+from family_checks import raw_output
+
 
 def raw_value(vlm, ex, site: Site) -> torch.Tensor:
     """The tensor at ``site`` (its module's output or first input) in one plain forward of ``ex`` with its edits."""
     _, kind = vlm.adapter.adapter.towers[site.tower].components[site.component]
-    module = vlm.model.get_submodule(vlm.adapter.module_path(site.tower, site.component, site.layer))
-    store = []
-    if kind == "input":
-        handle = module.register_forward_pre_hook(
-            lambda m, a, kw: store.append((a[0] if a else kw["hidden_states"]).detach().clone()), with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(
-            lambda m, a, o: store.append((o if torch.is_tensor(o) else o[0]).detach().clone()))
-    try:
-        with torch.no_grad(), applied(vlm, ex):
-            vlm.logits(ex.inputs)
-    finally:
-        handle.remove()
-    return store[0]
+    path = vlm.adapter.module_path(site.tower, site.component, site.layer)
+    return raw_output(vlm, path, kind, ex.inputs, example=ex)
 
 
 def plain_patch(vlm, clean, corrupt, site: Site, positions, answer_id: int) -> float:

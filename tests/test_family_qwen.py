@@ -21,6 +21,7 @@ from vlm_interp.tiny import tiny
 from vlm_interp.tracing import fast, trace
 
 from conftest import QUESTION, STRICT_TRANSFORMERS
+from family_checks import raw_output
 
 pytestmark = STRICT_TRANSFORMERS
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -41,17 +42,8 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def raw(vlm, path: str, kind: str, inputs: dict) -> torch.Tensor:
-    """A module's output or first input in one forward, by a plain torch hook."""
-    store = []
-    module = vlm.model.get_submodule(path)
-    handle = module.register_forward_pre_hook(lambda m, a: store.append(a[0].detach().clone())) if kind == "input" \
-        else module.register_forward_hook(lambda m, a, o: store.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            vlm.logits(inputs)
-    finally:
-        handle.remove()
-    return store[0]
+    """A module's output or first input in one forward, by a plain torch hook (packed: no batch axis)."""
+    return raw_output(vlm, path, kind, inputs)
 
 
 # ---- geometry -----------------------------------------------------------------------------------
