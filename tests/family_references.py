@@ -17,6 +17,18 @@ from vlm_interp.sites import Site
 from family_checks import raw_output
 
 
+def sharp_gemma(family: str):
+    """A tiny Gemma-LM family model with its final norm scaled 40x (the LM head is tied to the embeddings), so that
+    patches show in the answer logits."""
+    import vlm_interp as vi
+    from vlm_interp.tiny import tiny
+
+    vlm = vi.wrap(*tiny(family, seed=0))
+    with torch.no_grad():
+        vlm.model.model.language_model.norm.weight.add_(39.0)  # Gemma's RMSNorm multiplies by (1 + weight)
+    return vlm
+
+
 def raw_value(vlm, ex, site: Site) -> torch.Tensor:
     """The tensor at ``site`` (its module's output or first input) in one plain forward of ``ex`` with its edits."""
     _, kind = vlm.adapter.adapter.towers[site.tower].components[site.component]

@@ -20,7 +20,7 @@ from vlm_interp.tiny import tiny
 from vlm_interp.tracing import engine, fast, trace
 
 from conftest import QUESTION, STRICT_TRANSFORMERS
-from family_references import check_cache_on_and_off, plain_grid, raw_value
+from family_references import check_cache_on_and_off, plain_grid, raw_value, sharp_gemma
 
 pytestmark = STRICT_TRANSFORMERS
 
@@ -28,17 +28,9 @@ FAMILY = "gemma3"
 IMAGE = [4, 5, 6, 7]  # <s> <start_of_turn> user <start_of_image>, then the four pooled image tokens
 
 
-def sharp() -> vi.VLM:
-    """The tiny model with its final norm scaled 40x (the LM head is tied to the embeddings), so patches show."""
-    vlm = vi.wrap(*tiny(FAMILY, seed=0))
-    with torch.no_grad():
-        vlm.model.model.language_model.norm.weight.add_(39.0)  # Gemma's RMSNorm multiplies by (1 + weight)
-    return vlm
-
-
 @pytest.fixture(scope="module")
 def vlm() -> vi.VLM:
-    return sharp()
+    return sharp_gemma(FAMILY)
 
 
 @pytest.fixture(scope="module")

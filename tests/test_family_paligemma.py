@@ -10,12 +10,11 @@ import torch
 import vlm_interp as vi
 from vlm_interp import compat
 from vlm_interp.interventions import InjectionPlan, InterventionError, inject, modulate_heads, vhr
-from vlm_interp.tiny import tiny
 from vlm_interp.tiny.paligemma import SOFTCAP, paligemma
 from vlm_interp.tracing import engine, fast, trace
 
 from conftest import QUESTION, STRICT_TRANSFORMERS, run_logits
-from family_references import check_cache_on_and_off, plain_grid
+from family_references import check_cache_on_and_off, plain_grid, sharp_gemma
 
 # PaliGemmaProcessor builds its labels with np.array() on torch tensors, which numpy 2 warns about (transformers' code)
 NUMPY_COPY = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -25,17 +24,9 @@ FAMILY = "paligemma"
 N_IMAGE = 16  # one token per patch of the 4x4 grid, at positions 0..15, then <s>
 
 
-def sharp() -> vi.VLM:
-    """The tiny model with its final norm scaled 40x (the LM head is tied to the embeddings), so patches show."""
-    vlm = vi.wrap(*tiny(FAMILY, seed=0))
-    with torch.no_grad():
-        vlm.model.model.language_model.norm.weight.add_(39.0)  # Gemma's RMSNorm multiplies by (1 + weight)
-    return vlm
-
-
 @pytest.fixture(scope="module")
 def vlm() -> vi.VLM:
-    return sharp()
+    return sharp_gemma(FAMILY)
 
 
 def test_prepare_drops_labels_and_maps_patches_one_for_one(vlm, image, capsys):
